@@ -1,0 +1,219 @@
+"""Qwen3 and Qwen3-MoE in plain PyTorch, one code path for dense and sparse layers.
+
+The math follows Hugging Face ``transformers`` (RMSNorm in fp32, rotate-half RoPE, per-head q/k
+RMSNorm, grouped-query attention) so a converted checkpoint computes the same logits. Two things
+are new for diffusion: the attention mode can be switched between causal and bidirectional at run
+time (``set_attention_mode``), and packed sequences can be masked per document (``doc_ids``).
+The model knows nothing of parallelism: FSDP, expert parallelism, activation checkpointing and
+compilation are applied from ``rnd1/parallel/``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rnd1.model.config import ModelConfig
+from rnd1.model.moe import DenseMLP, MoE, moe_aux_loss
+
+ATTENTION_MODES = ("causal", "bidirectional")
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos/sin [B, L, head_dim] for rotate-half RoPE, computed in fp32 (HF's convention)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device)
+                                 .float() / head_dim))
+    freqs = positions[..., None].float() * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, heads, L, hd]; cos/sin [B, L, hd]."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return x * cos + _rotate_half(x) * sin
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with per-head q/k RMSNorm, through F.scaled_dot_product_attention."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        H, bias = cfg.hidden_size, cfg.attention_bias
+        self.q_proj = nn.Linear(H, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(H, self.n_kv * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(H, self.n_kv * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, H, bias=bias)
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, attn_mask: torch.Tensor | None, is_causal: bool):
+        B, L, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(B, L, self.n_heads, self.head_dim)).transpose(1, 2)
+        k = self.k_norm(self.k_proj(x).view(B, L, self.n_kv, self.head_dim)).transpose(1, 2)
+        v = self.v_proj(x).view(B, L, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=is_causal and attn_mask is None,
+            enable_gqa=self.n_kv != self.n_heads,
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(B, L, -1))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block. Returns (hidden, router stats [2, E] or an empty tensor)."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.is_moe = cfg.is_moe_layer(layer_idx)
+        if self.is_moe:
+            self.mlp = MoE(cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts,
+                           cfg.num_experts_per_tok, cfg.norm_topk_prob)
+        else:
+            self.mlp = DenseMLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x, cos, sin, attn_mask: torch.Tensor | None = None, is_causal: bool = False):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, is_causal)
+        h = self.post_attention_layernorm(x)
+        if self.is_moe:
+            out, stats = self.mlp(h)
+        else:
+            out, stats = self.mlp(h), x.new_zeros(0)
+        return x + out, stats
+
+
+def document_mask(doc_ids: torch.Tensor, causal: bool) -> torch.Tensor:
+    """Boolean SDPA mask [B, 1, L, L]: True where query i may attend key j (same document, and
+    j <= i when causal)."""
+    mask = doc_ids[:, :, None] == doc_ids[:, None, :]
+    if causal:
+        L = doc_ids.shape[1]
+        mask = mask & torch.ones(L, L, dtype=torch.bool, device=doc_ids.device).tril()
+    return mask[:, None]
+
+
+class Qwen3(nn.Module):
+    """Qwen3 / Qwen3-MoE decoder. ``forward(input_ids)`` returns logits [B, L, V]; with
+    ``return_hidden=True`` the final-normed hidden states [B, L, H] instead, so a trainer can apply
+    the LM head only at the positions it supervises."""
+
+    def __init__(self, cfg: ModelConfig, attention_mode: str = "causal"):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.set_attention_mode(attention_mode)
+        self._router_stats: torch.Tensor | None = None
+        self._router_rows = 0
+
+    # ----------------------------------------------------------------- attention mode
+    def set_attention_mode(self, mode: str) -> None:
+        """Switch between ``causal`` (AR) and ``bidirectional`` (diffusion) attention in place."""
+        if mode not in ATTENTION_MODES:
+            raise ValueError(f"attention mode {mode!r} unknown; expected one of {ATTENTION_MODES}")
+        self.attention_mode = mode
+
+    # ----------------------------------------------------------------- forward
+    def forward(self, input_ids: torch.Tensor, *, doc_ids: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None, return_hidden: bool = False) -> torch.Tensor:
+        B, L = input_ids.shape
+        if L > self.config.max_position_embeddings:
+            raise ValueError(f"sequence length {L} exceeds max_position_embeddings "
+                             f"{self.config.max_position_embeddings}")
+        causal = self.attention_mode == "causal"
+        h = self.embed_tokens(input_ids)
+        if positions is None:
+            positions = torch.arange(L, device=input_ids.device).expand(B, L)
+        cos, sin = rotary_cos_sin(positions, self.config.head_dim, self.config.rope_theta, h.dtype)
+        attn_mask = document_mask(doc_ids, causal) if doc_ids is not None else None
+        stats_sum = None
+        for layer in self.layers:
+            h, stats = layer(h, cos, sin, attn_mask, causal)
+            if stats.numel():
+                stats_sum = stats if stats_sum is None else stats_sum + stats
+        self._router_stats = stats_sum
+        self._router_rows = B * L * len(self.config.moe_layer_ids)
+        h = self.norm(h)
+        return h if return_hidden else self.lm_head(h)
+
+    def moe_aux_loss(self) -> torch.Tensor:
+        """Qwen3-MoE load-balancing loss of the last forward (0 for dense models)."""
+        if self._router_stats is None:
+            return torch.zeros((), device=self.embed_tokens.weight.device)
+        return moe_aux_loss(self._router_stats, self._router_rows)
+
+    def tokens_per_expert(self) -> torch.Tensor | None:
+        """Routed token copies per expert in the last forward, summed over MoE layers [E]."""
+        return None if self._router_stats is None else self._router_stats[0].detach()
+
+    # ----------------------------------------------------------------- init
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None, std: float = 0.02) -> None:
+        """Random init for random-init runs (HF's normal(0, 0.02) convention, norms at 1). Works
+        after ``to_empty`` from the meta device; with a seed it is reproducible."""
+        gen = None
+        if seed is not None:
+            gen = torch.Generator(device="cpu").manual_seed(seed)
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
+            else:
+                _normal_(p, std, gen)
+
+    # ----------------------------------------------------------------- accounting
+    def num_params(self) -> dict[str, int]:
+        return self.config.param_counts()
+
+
+def _normal_(p: torch.Tensor, std: float, gen: torch.Generator | None) -> None:
+    """Fill p with N(0, std^2), drawing on the CPU generator so the result does not depend on the
+    device; DTensor shards draw the full tensor and keep their slice (simple and reproducible)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    vals = torch.empty(p.shape, dtype=torch.float32).normal_(0.0, std, generator=gen)
+    if isinstance(p, DTensor):
+        vals = distribute_tensor(vals.to(p.device), p.device_mesh, p.placements)
+    p.copy_(vals.to(p.dtype))
+
+
+def build_model(cfg: ModelConfig, *, device: str | torch.device = "cpu", dtype=torch.float32,
+                attention_mode: str = "causal", seed: int | None = 0) -> Qwen3:
+    """Construct on the meta device (nothing allocated), then materialise on ``device`` and
+    initialise. For very large models call ``Qwen3(cfg)`` under ``torch.device("meta")`` and let
+    ``rnd1.parallel`` shard before materialising."""
+    with torch.device("meta"):
+        model = Qwen3(cfg, attention_mode=attention_mode)
+    model.to_empty(device=device)
+    model.init_weights(seed=seed)
+    return model.to(dtype)
+
+
