@@ -1,0 +1,157 @@
+"""Training metrics: throughput, FLOPs and MFU, memory, and where they are written.
+
+Throughput is counted in tokens fed to the model (B x L per micro-batch, summed over data-parallel
+ranks); model FLOPs per token come from ``ModelConfig.flops_per_token`` (6 N_active + attention).
+MFU divides achieved FLOP/s per process by a peak per process: configured, or measured here with a
+matmul of the training dtype (on CPU there is no datasheet number to quote).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def measure_matmul_peak(dtype: torch.dtype = torch.float32, n: int = 1024, reps: int = 5,
+                        device: str | torch.device = "cpu") -> float:
+    """Best FLOP/s of an n x n x n matmul over a few repetitions (after one warm-up)."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    a @ b
+    best = math.inf
+    for _ in range(reps):
+        if torch.cuda.is_available() and a.is_cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        a @ b
+        if torch.cuda.is_available() and a.is_cuda:
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory of this process: CUDA allocator peak on GPU, resident-set high-water on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss_kb * (1 if sys.platform == "darwin" else 1024)
+
+
+class Throughput:
+    """Tokens/s, TFLOP/s and MFU over the steps since the last report."""
+
+    def __init__(self, flops_per_token: float, peak_flops: float, world_size: int):
+        self.flops_per_token, self.peak_flops, self.world_size = flops_per_token, peak_flops, world_size
+        self.reset()
+
+    def reset(self):
+        self._t0, self._tokens, self._steps = time.perf_counter(), 0, 0
+
+    def update(self, tokens: int):
+        self._tokens += tokens
+        self._steps += 1
+
+    def report(self) -> dict[str, float]:
+        dt = max(time.perf_counter() - self._t0, 1e-9)
+        tps = self._tokens / dt
+        flops_per_proc = tps * self.flops_per_token / self.world_size
+        out = {
+            "tokens_per_s": tps,
+            "step_time_s": dt / max(self._steps, 1),
+            "tflops_per_proc": flops_per_proc / 1e12,
+            "mfu": flops_per_proc / self.peak_flops if self.peak_flops > 0 else float("nan"),
+        }
+        self.reset()
+        return out
+
+
+def router_balance(tokens_per_expert: torch.Tensor | None) -> dict[str, float]:
+    """Load balance of the last step: max/mean routed tokens over experts (1.0 is perfect) and the
+    number of experts that got no tokens."""
+    if tokens_per_expert is None or tokens_per_expert.numel() == 0:
+        return {}
+    t = tokens_per_expert.float()
+    return {"moe_max_over_mean": (t.max() / t.mean().clamp_min(1e-9)).item(),
+            "moe_dead_experts": float((t == 0).sum().item())}
+
+
+def format_eta(seconds: float) -> str:
+    if not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    h, rem = divmod(int(seconds), 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class MetricsLogger:
+    """Writes one JSON line per logged step (rank 0), echoes a compact console line, and mirrors
+    scalars to TensorBoard when it is installed and enabled."""
+
+    CONSOLE_KEYS = (("loss", "loss {:.4f}"), ("val_loss", "val {:.4f}"), ("grad_norm", "gnorm {:.2f}"),
+                    ("lr/attention", "lr_attn {:.2e}"), ("lr/non_attention", "lr {:.2e}"),
+                    ("masked_frac", "masked {:.2f}"), ("tokens_per_s", "{:,.0f} tok/s"),
+                    ("mfu", "mfu {:.1%}"), ("memory_gib", "mem {:.2f}GiB"))
+
+    def __init__(self, folder: str | Path | None, enabled: bool = True, tensorboard: bool = False):
+        self.enabled = enabled
+        self._file = None
+        self._tb = None
+        if not enabled or folder is None:
+            return
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self._file = open(folder / "metrics.jsonl", "a", buffering=1)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                print("[rnd1] metrics.enable_tensorboard: tensorboard is not installed; writing JSONL only",
+                      flush=True)
+            else:
+                self._tb = SummaryWriter(str(folder / "tb"))
+
+    def log(self, step: int, metrics: dict, *, prefix: str = "", eta_s: float | None = None) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        if self._file:
+            self._file.write(json.dumps(record) + "\n")
+        if self._tb:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self._tb.add_scalar(k, v, step)
+        parts = [f"{prefix}step {step:>6}"]
+        for key, fmt in self.CONSOLE_KEYS:
+            if key in metrics and metrics[key] is not None and not _isnan(metrics[key]):
+                parts.append(fmt.format(metrics[key]))
+        if eta_s is not None:
+            parts.append(f"eta {format_eta(eta_s)}")
+        print("  ".join(parts), flush=True)
+
+    def close(self):
+        if self._file:
+            self._file.close()
+        if self._tb:
+            self._tb.close()
+
+
+def _plain(v):
+    if isinstance(v, torch.Tensor):
+        return v.item() if v.numel() == 1 else v.tolist()
+    return v
+
+
+def _isnan(v) -> bool:
+    return isinstance(v, float) and math.isnan(v)
+
+
+def is_rank0() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
