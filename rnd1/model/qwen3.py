@@ -127,11 +127,22 @@ class Qwen3(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
+        self.tie_weights()
         self.set_attention_mode(attention_mode)
         self._router_stats: torch.Tensor | None = None
         self._router_rows = 0
+
+    def tie_weights(self) -> None:
+        """Make the head share the embedding's parameter when the config ties them."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def to_empty(self, *, device, recurse: bool = True) -> "Qwen3":
+        """``nn.Module.to_empty`` gives every module its own new tensor, which unties a tied head
+        moved off the meta device; re-tie afterwards."""
+        super().to_empty(device=device, recurse=recurse)
+        self.tie_weights()
+        return self
 
     # ----------------------------------------------------------------- attention mode
     def set_attention_mode(self, mode: str) -> None:

@@ -1,0 +1,461 @@
+"""Hugging Face safetensors checkpoints <-> rnd1's ``Qwen3``.
+
+Import streams one safetensors shard at a time: every header is read and checked against the
+model first (names, shapes, coverage; nothing is materialised if the checkpoint does not fit),
+then the data of each file is copied into the parameters piece by piece. Per-expert HF tensors
+(``mlp.experts.{e}.gate_proj.weight [Im, H]``) land in slice ``e`` of our stacked
+``mlp.experts.gate_proj [E, Im, H]``; the stacked transformers-5 in-memory layout
+(``mlp.experts.gate_up_proj [E, 2Im, H]``) is accepted as well.
+
+Export writes what released checkpoints look like (per-expert names, ``model.`` prefix, sharded
+safetensors + index, config.json) into a temporary folder renamed into place at the end, so a crash
+never leaves a half-written export that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from rnd1.model.config import ModelConfig, ModelConfigError
+from rnd1.model.qwen3 import ATTENTION_MODES, Qwen3
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+
+# Called with (our parameter name, the full tensor as stored in the checkpoint); copies the part
+# the caller owns (e.g. its FSDP/EP shard) into its parameter.
+CopyFn = Callable[[str, torch.Tensor], None]
+
+_EXPERT_RE = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_GATE_UP_RE = re.compile(r"^layers\.(\d+)\.mlp\.experts\.gate_up_proj$")
+_ROUTER_RE = re.compile(r"^layers\.(\d+)\.mlp\.gate\.weight$")
+_MAX_LISTED = 5
+
+
+class HFCheckpointError(ValueError):
+    """A Hugging Face checkpoint folder that cannot be read into (or written from) the model."""
+
+
+# ----------------------------------------------------------------------------- config
+def read_hf_config(path: str | Path) -> dict:
+    """Parsed ``config.json`` of a checkpoint folder, with errors that name the file."""
+    path = Path(path)
+    if not path.is_dir():
+        raise HFCheckpointError(f"{path}: not a directory (expected a Hugging Face checkpoint folder)")
+    cfg_file = path / CONFIG_NAME
+    if not cfg_file.is_file():
+        raise HFCheckpointError(f"{path}: no {CONFIG_NAME} (expected a Hugging Face checkpoint folder)")
+    try:
+        hf = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise HFCheckpointError(f"{cfg_file}: malformed JSON ({e})") from e
+    if not isinstance(hf, dict):
+        raise HFCheckpointError(f"{cfg_file}: expected a JSON object, got {type(hf).__name__}")
+    return hf
+
+
+def model_config_from_hf(path: str | Path, **overrides) -> ModelConfig:
+    """``ModelConfig`` of a checkpoint folder (``overrides`` e.g. ``mask_token_id=...``)."""
+    hf = read_hf_config(path)
+    try:
+        return ModelConfig.from_hf_config(hf, **overrides)
+    except (ModelConfigError, KeyError, TypeError) as e:
+        what = f"missing key {e}" if isinstance(e, KeyError) else str(e)
+        raise HFCheckpointError(f"{Path(path) / CONFIG_NAME}: {what}") from e
+
+
+# ----------------------------------------------------------------------------- names
+@dataclass(frozen=True)
+class _Piece:
+    """Where (part of) one checkpoint tensor goes: our parameter, expert slot (None: the whole
+    parameter) and, for a fused gate_up tensor, which rows of dim 1 to take."""
+
+    name: str
+    expert: int | None = None
+    rows: tuple[int, int] | None = None
+
+
+def _map_name(hf_name: str, shapes: dict[str, torch.Size], cfg: ModelConfig) -> tuple[list[_Piece], tuple] | None:
+    """(pieces, expected checkpoint shape) for one checkpoint tensor, ``([], ())`` for a tensor
+    that is deliberately ignored, or None when it belongs to nothing in the model."""
+    name = hf_name[len("model."):] if hf_name.startswith("model.") else hf_name
+    if name == "lm_head.weight" and cfg.tie_word_embeddings and name not in shapes:
+        return [], ()  # tied: the head is the embedding
+    if name in shapes:
+        return [_Piece(name)], tuple(shapes[name])
+    if m := _EXPERT_RE.match(name):
+        ours = f"layers.{m[1]}.mlp.experts.{m[3]}"
+        if ours in shapes and int(m[2]) < shapes[ours][0]:
+            return [_Piece(ours, expert=int(m[2]))], tuple(shapes[ours][1:])
+    if m := _GATE_UP_RE.match(name):
+        gate, up = f"layers.{m[1]}.mlp.experts.gate_proj", f"layers.{m[1]}.mlp.experts.up_proj"
+        if gate in shapes and up in shapes:
+            E, Im, H = shapes[gate]
+            return [_Piece(gate, rows=(0, Im)), _Piece(up, rows=(Im, 2 * Im))], (E, 2 * Im, H)
+    if m := _ROUTER_RE.match(name):
+        ours = f"layers.{m[1]}.mlp.router.weight"
+        if ours in shapes:
+            return [_Piece(ours)], tuple(shapes[ours])
+    return None
+
+
+def _units(name: str, shapes: dict[str, torch.Size]) -> set:
+    """The pieces a parameter is made of: its experts when stacked, else just itself."""
+    return set(range(shapes[name][0])) if ".mlp.experts." in name else {None}
+
+
+def _listing(items: list, what: str) -> str:
+    head = ", ".join(str(x) for x in items[:_MAX_LISTED])
+    more = f", ... ({len(items) - _MAX_LISTED} more)" if len(items) > _MAX_LISTED else ""
+    return f"{len(items)} {what}: {head}{more}"
+
+
+# ----------------------------------------------------------------------------- reading
+def checkpoint_files(path: str | Path) -> list[Path]:
+    """The safetensors files of a checkpoint folder (from the index when sharded)."""
+    path = Path(path)
+    index = path / INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise HFCheckpointError(f"{index}: malformed index (expected JSON with a 'weight_map' "
+                                    f"object): {e}") from e
+        files = [path / f for f in sorted(set(weight_map.values()))]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise HFCheckpointError(f"{index}: lists shard files that do not exist: {_listing(missing, 'files')}")
+        return files
+    single = path / WEIGHTS_NAME
+    if single.is_file():
+        return [single]
+    raise HFCheckpointError(f"{path}: no {WEIGHTS_NAME} or {INDEX_NAME} (only safetensors checkpoints "
+                            f"are supported)")
+
+
+def _read_headers(files: list[Path]) -> list[tuple[Path, dict[str, tuple]]]:
+    out = []
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                out.append((f, {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}))
+        except Exception as e:  # safetensors raises its own error type for corrupt headers
+            raise HFCheckpointError(f"{f}: cannot read safetensors file (truncated or corrupt?): {e}") from e
+    return out
+
+
+@dataclass
+class _Plan:
+    per_file: list[tuple[Path, dict[str, list[_Piece]]]]
+    pieces_left: dict[str, int]  # pieces still to arrive per parameter
+
+
+def _plan(path: Path, shapes: dict[str, torch.Size], cfg: ModelConfig) -> _Plan:
+    """Check every checkpoint header against the model; raise one error listing all problems."""
+    headers = _read_headers(checkpoint_files(path))
+    unexpected, misshaped, duplicated = [], [], []
+    covered: dict[str, set] = defaultdict(set)
+    per_file = []
+    for f, header in headers:
+        assign = {}
+        for hf_name, shape in header.items():
+            mapped = _map_name(hf_name, shapes, cfg)
+            if mapped is None:
+                unexpected.append(hf_name)
+                continue
+            pieces, want = mapped
+            if not pieces:
+                continue
+            if shape != want:
+                misshaped.append(f"{hf_name} {list(shape)} (expected {list(want)})")
+                continue
+            for p in pieces:
+                units = _units(p.name, shapes) if p.expert is None else {p.expert}
+                if covered[p.name] & units:
+                    duplicated.append(hf_name)
+                covered[p.name] |= units
+            assign[hf_name] = pieces
+        per_file.append((f, assign))
+    missing = []
+    for name in shapes:
+        lacking = _units(name, shapes) - covered[name]
+        if lacking == {None}:
+            missing.append(name)
+        elif lacking:
+            missing.append(f"{name} (experts {sorted(lacking)[:8]}{'...' if len(lacking) > 8 else ''})")
+    problems = []
+    if missing:
+        problems.append(_listing(missing, "missing parameters"))
+    if misshaped:
+        problems.append(_listing(misshaped, "tensors with the wrong shape"))
+    if unexpected:
+        problems.append(_listing(unexpected, "unexpected tensors"))
+    if duplicated:
+        problems.append(_listing(duplicated, "tensors given more than once"))
+    if problems:
+        raise HFCheckpointError(f"{path}: checkpoint does not match the model ({cfg.num_hidden_layers} "
+                                f"layers, {cfg.num_experts} experts): " + "; ".join(problems))
+    left: dict[str, int] = defaultdict(int)
+    for _f, assign in per_file:
+        for pieces in assign.values():
+            for p in pieces:
+                left[p.name] += 1
+    return _Plan(per_file, dict(left))
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    return type(t).__name__ == "DTensor"
+
+
+def copy_full_into(param: torch.Tensor, full: torch.Tensor) -> None:
+    """Default per-tensor copy: plain parameters take the tensor; a DTensor keeps the slice its
+    placements give this rank (computed locally from the full tensor, no communication)."""
+    with torch.no_grad():
+        if _is_dtensor(param):
+            from torch.distributed.tensor import distribute_tensor
+
+            local = distribute_tensor(full.to(param.device, param.dtype), param.device_mesh,
+                                      param.placements, src_data_rank=None).to_local()
+            param.to_local().copy_(local)
+        else:
+            param.copy_(full)
+
+
+def _check_config(path: Path, model: torch.nn.Module) -> None:
+    cfg = getattr(model, "config", None)
+    if not isinstance(cfg, ModelConfig):
+        return
+    disk = model_config_from_hf(path, mask_token_id=cfg.mask_token_id)
+    diffs = [f"{k}={getattr(disk, k)!r} (model: {getattr(cfg, k)!r})"
+             for k in ModelConfig.__dataclass_fields__
+             if k not in ("mask_token_id", "max_position_embeddings", "router_aux_loss_coef")
+             and getattr(disk, k) != getattr(cfg, k)]
+    if diffs:
+        raise HFCheckpointError(f"{path / CONFIG_NAME}: does not describe this model: " + ", ".join(diffs))
+
+
+def load_state_dict_from_hf(path: str | Path, model: torch.nn.Module, *, copy_fn: CopyFn | None = None) -> None:
+    """Load a HF checkpoint into an existing model, one shard in memory at a time.
+
+    Without ``copy_fn`` plain parameters are filled in place (expert slices as they arrive) and
+    DTensor parameters keep their own slice. With ``copy_fn(our_name, full_tensor)`` the caller
+    copies what it owns (the model may then be on the meta device); per-expert tensors are first
+    assembled into the full stacked tensor, which is handed over once complete."""
+    path = Path(path)
+    _check_config(path, model)
+    cfg = model.config if isinstance(getattr(model, "config", None), ModelConfig) else model_config_from_hf(path)
+    plan = _plan(path, {n: p.shape for n, p in model.named_parameters()}, cfg)
+    _load(plan, path, model, copy_fn)
+
+
+def _load(plan: _Plan, path: Path, model: torch.nn.Module, copy_fn: CopyFn | None) -> None:
+    params = dict(model.named_parameters())
+    shapes = {n: p.shape for n, p in params.items()}
+    if copy_fn is None:
+        meta = [n for n, p in params.items() if p.is_meta]
+        if meta:
+            raise HFCheckpointError(f"cannot load {path} into parameters on the meta device "
+                                    f"({_listing(meta, 'parameters')}): materialise the model "
+                                    f"(to_empty) first or pass copy_fn")
+    left = dict(plan.pieces_left)
+    buffers: dict[str, torch.Tensor] = {}
+
+    def deliver(p: _Piece, t: torch.Tensor):
+        direct = copy_fn is None and not _is_dtensor(params[p.name])
+        if direct and p.expert is None:
+            with torch.no_grad():
+                params[p.name].copy_(t)
+            return
+        if direct:
+            with torch.no_grad():
+                params[p.name][p.expert].copy_(t)
+            return
+        if p.expert is None:
+            full = t
+        else:
+            full = buffers.setdefault(p.name, torch.empty(shapes[p.name], dtype=t.dtype))
+            full[p.expert].copy_(t)
+        left[p.name] -= 1
+        if left[p.name] == 0:
+            buffers.pop(p.name, None)
+            (copy_fn or (lambda n, x: copy_full_into(params[n], x)))(p.name, full)
+
+    for f, assign in plan.per_file:
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                for hf_name, pieces in assign.items():
+                    t = fh.get_tensor(hf_name)
+                    for p in pieces:
+                        deliver(p, t if p.rows is None else t[:, p.rows[0]:p.rows[1]])
+        except HFCheckpointError:
+            raise
+        except Exception as e:
+            raise HFCheckpointError(f"{f}: cannot read tensor data (truncated or corrupt?): {e}") from e
+
+
+def load_pretrained(path: str | Path, attention: str = "causal", dtype: torch.dtype = torch.float32,
+                    device: str | torch.device = "cpu", mask_token_id: int | None = None) -> Qwen3:
+    """A ``Qwen3`` with the weights of a HF Qwen3 / Qwen3-MoE checkpoint folder. Built on the
+    meta device and checked against every header before any weight memory is allocated."""
+    if attention not in ATTENTION_MODES:
+        raise HFCheckpointError(f"attention {attention!r} unknown; expected one of {ATTENTION_MODES}")
+    path = Path(path)
+    overrides = {} if mask_token_id is None else {"mask_token_id": mask_token_id}
+    cfg = model_config_from_hf(path, **overrides)
+    with torch.device("meta"):
+        model = Qwen3(cfg, attention_mode=attention).to(dtype)
+    plan = _plan(path, {n: p.shape for n, p in model.named_parameters()}, cfg)  # fail before allocating
+    model.to_empty(device=device)
+    _load(plan, path, model, None)
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------- writing
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from an int or a string such as "5GB" (10^9) or "512MiB" (2^20), HF's convention."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        value = size
+    else:
+        m = _SIZE_RE.match(str(size))
+        if not m:
+            raise HFCheckpointError(f"max_shard_size {size!r}: expected bytes as an int or a string "
+                                    f"like '5GB' or '500MiB'")
+        value = int(float(m[1]) * _UNITS[(m[2] or "").upper()])
+    if value <= 0:
+        raise HFCheckpointError(f"max_shard_size {size!r}: must be > 0 bytes")
+    return value
+
+
+def _hf_names(name: str, shape: torch.Size) -> list[tuple[str, int | None]]:
+    """HF tensor names for one of our parameters: (name, expert index or None)."""
+    if m := re.match(r"^(layers\.\d+\.mlp\.experts)\.(gate_proj|up_proj|down_proj)$", name):
+        return [(f"model.{m[1]}.{e}.{m[2]}.weight", e) for e in range(shape[0])]
+    if m := re.match(r"^(layers\.\d+\.mlp)\.router\.weight$", name):
+        return [(f"model.{m[1]}.gate.weight", None)]
+    if name == "lm_head.weight":
+        return [(name, None)]
+    return [(f"model.{name}", None)]
+
+
+def _full(p: torch.Tensor) -> torch.Tensor:
+    """The whole tensor on the CPU (gathers DTensors: every rank must call)."""
+    t = p.detach()
+    if _is_dtensor(t):
+        t = t.full_tensor()
+    return t.cpu()
+
+
+def _rank0() -> bool:
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_pretrained(model: Qwen3, path: str | Path, max_shard_size: int | str = "5GB",
+                    dtype: torch.dtype | None = None, extra_config: dict | None = None, *,
+                    extra_files: Iterable[str | Path] = (), overwrite: bool = False) -> Path:
+    """Write ``model`` as a HF checkpoint folder that ``transformers`` loads: per-expert names,
+    safetensors shards of at most ``max_shard_size`` (+ index), config.json (+ ``extra_config``
+    entries) and copies of ``extra_files`` (e.g. tokenizer files). Written to a temporary folder
+    and renamed into place. With sharded (DTensor) parameters every rank must call; rank 0 writes."""
+    cfg = getattr(model, "config", None)
+    if not isinstance(cfg, ModelConfig):
+        raise HFCheckpointError(f"save_pretrained: model has no ModelConfig .config (got {type(cfg).__name__})")
+    path = Path(path)
+    limit = parse_size(max_shard_size)
+    extra_files = [Path(f) for f in extra_files]
+    for f in extra_files:
+        if not f.is_file():
+            raise HFCheckpointError(f"save_pretrained: extra file {f} does not exist")
+    if path.exists() and not overwrite and (not path.is_dir() or any(path.iterdir())):
+        raise HFCheckpointError(f"{path}: already exists and is not empty (pass overwrite=True)")
+
+    params = list(model.named_parameters())
+    entries = []  # (hf name, param index, expert, nbytes)
+    for i, (name, p) in enumerate(params):
+        out_dtype = dtype or p.dtype
+        for hf_name, e in _hf_names(name, p.shape):
+            numel = p.numel() // p.shape[0] if e is not None else p.numel()
+            entries.append((hf_name, i, e, numel * out_dtype.itemsize))
+    shards: list[list] = [[]]
+    size = 0
+    for ent in entries:
+        if shards[-1] and size + ent[3] > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(ent)
+        size += ent[3]
+
+    write = _rank0()
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    if write:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    try:
+        n = len(shards)
+        weight_map, total = {}, 0
+        cached: tuple[int, torch.Tensor] | None = None
+        for s, shard in enumerate(shards):
+            fname = WEIGHTS_NAME if n == 1 else f"model-{s + 1:05d}-of-{n:05d}.safetensors"
+            tensors = {}
+            for hf_name, i, e, nbytes in shard:
+                if cached is None or cached[0] != i:
+                    cached = (i, _full(params[i][1]).to(dtype or params[i][1].dtype))
+                t = cached[1] if e is None else cached[1][e]
+                tensors[hf_name] = t.clone().contiguous()  # own storage: safetensors refuses shared views
+                weight_map[hf_name] = fname
+                total += nbytes
+            if write:
+                save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
+        if not write:
+            return path
+        if n > 1:
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        hf_cfg = cfg.to_hf_config()
+        hf_cfg["dtype"] = str(dtype or params[0][1].dtype).removeprefix("torch.")
+        hf_cfg.update(extra_config or {})
+        (tmp / CONFIG_NAME).write_text(json.dumps(hf_cfg, indent=2, sort_keys=True) + "\n")
+        for f in extra_files:
+            shutil.copy2(f, tmp / f.name)
+        for f in tmp.iterdir():
+            _fsync(f)
+        _fsync(tmp)
+        if path.exists():
+            old = path.parent / f".{path.name}.old-{os.getpid()}"
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+        _fsync(path.parent)
+    finally:
+        if write and tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path

@@ -1,0 +1,299 @@
+"""HF checkpoint import/export against transformers itself (fp32, tiny random models)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from rnd1.checkpoint.hf import (
+    HFCheckpointError,
+    load_pretrained,
+    load_state_dict_from_hf,
+    parse_size,
+    save_pretrained,
+)
+from rnd1.model.config import get_preset
+from rnd1.model.qwen3 import Qwen3, build_model
+
+REPO = Path(__file__).resolve().parents[2]
+
+CASES = {
+    # name: (moe, HF config overrides, max_shard_size for transformers' writer)
+    "dense_tied": (False, dict(tie_word_embeddings=True), "5GB"),
+    "dense_untied_sharded": (False, dict(tie_word_embeddings=False), "40KB"),
+    "moe_mixed_layers_no_norm_topk": (True, dict(norm_topk_prob=False, mlp_only_layers=[1],
+                                                 tie_word_embeddings=False), "5GB"),
+    "moe_sparse_step2_norm_topk_tied_sharded": (True, dict(norm_topk_prob=True, decoder_sparse_step=2,
+                                                           tie_word_embeddings=True), "40KB"),
+}
+
+
+def _ids(seed=0, B=2, L=13, vocab=300):
+    return torch.randint(0, vocab, (B, L), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_logits_and_grads_match_transformers(case, hf, tmp_path):
+    moe, overrides, shard = CASES[case]
+    ref = hf.make(moe, **overrides)
+    hf.save(ref, tmp_path / "ckpt", max_shard_size=shard)
+    if shard != "5GB":
+        assert (tmp_path / "ckpt" / "model.safetensors.index.json").is_file()
+        assert len(list((tmp_path / "ckpt").glob("*.safetensors"))) > 1
+    model = load_pretrained(tmp_path / "ckpt", mask_token_id=hf.MASK_ID)
+    if moe:
+        assert model.config.is_moe and len(model.config.moe_layer_ids) < model.config.num_hidden_layers
+    assert (model.lm_head.weight is model.embed_tokens.weight) == overrides["tie_word_embeddings"]
+
+    x = _ids()
+    targets = _ids(seed=1)
+    ref_logits = ref(x).logits
+    logits = model(x)
+    assert (logits - ref_logits).abs().max().item() <= 1e-4
+
+    F.cross_entropy(ref_logits.flatten(0, 1), targets.flatten()).backward()
+    F.cross_entropy(logits.flatten(0, 1), targets.flatten()).backward()
+    ref_grads = hf.to_ours({n: p.grad for n, p in ref.named_parameters()}, ref.config.to_dict().get(
+        "moe_intermediate_size", 0))
+    ours = dict(model.named_parameters())
+    assert set(ref_grads) == set(ours)
+    for name, p in ours.items():
+        g, r = p.grad, ref_grads[name]
+        assert torch.allclose(g, r, atol=1e-5, rtol=1e-4), f"{name}: max|diff| {(g - r).abs().max()}"
+
+
+def test_bidirectional_matches_transformers_with_all_visible_mask(hf, tmp_path):
+    """transformers 5 takes a 4-D float attention mask as-is (additive; 0 = visible) for sdpa and
+    eager: an all-zero mask is bidirectional attention, a block-diagonal one is document masking."""
+    for impl in ("sdpa", "eager"):
+        ref = hf.make(True, attn_implementation=impl, mlp_only_layers=[0])
+        hf.save(ref, tmp_path / impl)
+        model = load_pretrained(tmp_path / impl, attention="bidirectional", mask_token_id=hf.MASK_ID)
+        x = _ids(L=12)
+        B, L = x.shape
+        full = torch.zeros(B, 1, L, L)
+        assert (model(x) - ref(x, attention_mask=full).logits).abs().max().item() <= 1e-4
+        assert (model(x) - ref(x).logits).abs().max().item() > 1e-2  # differs from causal
+
+        doc_ids = torch.tensor([[0] * 5 + [1] * 7, [0] * 12])
+        allowed = doc_ids[:, :, None] == doc_ids[:, None, :]
+        block = torch.zeros(B, 1, L, L).masked_fill(~allowed[:, None], torch.finfo(torch.float32).min)
+        ours = model(x, doc_ids=doc_ids)
+        assert (ours - ref(x, attention_mask=block).logits).abs().max().item() <= 1e-4
+
+
+def test_stacked_transformers5_layout_loads(hf, tmp_path):
+    """A file holding the stacked in-memory layout (gate_up_proj [E, 2Im, H]) loads too."""
+    ref = hf.make(True, mlp_only_layers=[2])
+    folder = tmp_path / "stacked"
+    folder.mkdir()
+    sd = {k: v.contiguous() for k, v in ref.state_dict().items()}
+    assert any(k.endswith("mlp.experts.gate_up_proj") for k in sd)
+    save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(ref.config.to_dict()))
+    model = load_pretrained(folder, mask_token_id=hf.MASK_ID)
+    x = _ids()
+    assert (model(x) - ref(x).logits).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("preset", ["debug", "debug_dense"])
+def test_save_load_round_trip_bit_exact_and_transformers_loads_it(preset, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = build_model(get_preset(preset, rope_theta=5000.0), seed=3)
+    out = save_pretrained(model, tmp_path / "export", max_shard_size="200KB",
+                          extra_config={"rnd1": {"attention": "bidirectional", "objective": "mdlm"}})
+    files = sorted(p.name for p in out.iterdir())
+    assert "model.safetensors.index.json" in files and len([f for f in files if f.endswith(".safetensors")]) > 1
+    assert not list(tmp_path.glob(".export*")), "temporary folder left behind"
+    config = json.loads((out / "config.json").read_text())
+    assert config["rnd1"] == {"attention": "bidirectional", "objective": "mdlm"}
+    assert config["mask_token_id"] == model.config.mask_token_id
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    if model.config.num_experts:
+        assert "model.layers.0.mlp.experts.7.down_proj.weight" in index["weight_map"]
+        assert "model.layers.0.mlp.gate.weight" in index["weight_map"]
+    assert ("lm_head.weight" in index["weight_map"]) != model.config.tie_word_embeddings
+
+    again = load_pretrained(out)
+    assert again.config == model.config
+    a, b = model.state_dict(), again.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+    ref = AutoModelForCausalLM.from_pretrained(out).float().eval()
+    x = _ids(vocab=model.config.vocab_size)
+    with torch.no_grad():
+        assert (ref(x).logits - model(x)).abs().max().item() <= 1e-4
+
+    with pytest.raises(HFCheckpointError, match="already exists"):
+        save_pretrained(model, out)
+    save_pretrained(again, out, overwrite=True, max_shard_size=10**9)
+    assert (out / "model.safetensors").is_file() and not (out / "model.safetensors.index.json").exists()
+
+
+def test_bf16_export_round_trips_exactly(tmp_path):
+    model = build_model(get_preset("debug"), seed=0)
+    save_pretrained(model, tmp_path / "bf16", dtype=torch.bfloat16)
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
+    m16 = load_pretrained(tmp_path / "bf16", dtype=torch.bfloat16)
+    assert m16.embed_tokens.weight.dtype == torch.bfloat16
+    for (k, a), b in zip(model.state_dict().items(), m16.state_dict().values()):
+        assert torch.equal(a.to(torch.bfloat16), b), k
+
+
+def test_copy_fn_receives_every_full_tensor_once(hf, tmp_path):
+    """The hook the parallel layer uses: a meta model, (our_name, full tensor) per parameter."""
+    ref = hf.make(True, mlp_only_layers=[1], tie_word_embeddings=False)
+    hf.save(ref, tmp_path / "ckpt", max_shard_size="40KB")
+    target = load_pretrained(tmp_path / "ckpt", mask_token_id=hf.MASK_ID)
+    with torch.device("meta"):
+        meta = Qwen3(target.config)
+    seen = {}
+
+    def copy_fn(name, full):
+        assert name not in seen, f"{name} delivered twice"
+        seen[name] = full.clone()
+
+    load_state_dict_from_hf(tmp_path / "ckpt", meta, copy_fn=copy_fn)
+    expected = dict(target.named_parameters())
+    assert seen.keys() == expected.keys()
+    for name, t in seen.items():
+        assert torch.equal(t, expected[name]), name
+
+    with pytest.raises(HFCheckpointError, match="meta device"):
+        load_state_dict_from_hf(tmp_path / "ckpt", meta)
+
+
+def test_config_mismatch_is_refused(hf, tmp_path):
+    hf.save(hf.make(False), tmp_path / "ckpt")
+    cfg = load_pretrained(tmp_path / "ckpt", mask_token_id=hf.MASK_ID).config
+    model = build_model(cfg.replace(rope_theta=123.0))
+    with pytest.raises(HFCheckpointError, match=r"rope_theta=10000.0 \(model: 123.0\)"):
+        load_state_dict_from_hf(tmp_path / "ckpt", model)
+
+
+# --------------------------------------------------------------------------- bad input
+@pytest.fixture
+def saved_moe(hf, tmp_path):
+    folder = tmp_path / "ckpt"
+    hf.save(hf.make(True, mlp_only_layers=[1]), folder)
+    return folder
+
+
+def _rewrite(folder: Path, edit):
+    from safetensors.torch import load_file
+
+    sd = load_file(str(folder / "model.safetensors"))
+    edit(sd)
+    save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+def test_error_missing_folder_and_config(tmp_path):
+    with pytest.raises(HFCheckpointError, match="not a directory"):
+        load_pretrained(tmp_path / "nope")
+    with pytest.raises(HFCheckpointError, match="no config.json"):
+        load_pretrained(tmp_path)
+
+
+def test_error_malformed_json_and_unknown_model_type(saved_moe):
+    cfg_file = saved_moe / "config.json"
+    good = cfg_file.read_text()
+    cfg_file.write_text(good[:-20])
+    with pytest.raises(HFCheckpointError, match=r"config.json: malformed JSON"):
+        load_pretrained(saved_moe, mask_token_id=299)
+    cfg_file.write_text(json.dumps({**json.loads(good), "model_type": "llama"}))
+    with pytest.raises(HFCheckpointError, match=r"config.json.*unsupported model_type 'llama'"):
+        load_pretrained(saved_moe, mask_token_id=299)
+    cfg_file.write_text(json.dumps({k: v for k, v in json.loads(good).items() if k != "hidden_size"}))
+    with pytest.raises(HFCheckpointError, match="missing key 'hidden_size'"):
+        load_pretrained(saved_moe, mask_token_id=299)
+
+
+def test_error_truncated_safetensors_names_the_file(saved_moe):
+    f = saved_moe / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) - 1000])
+    with pytest.raises(HFCheckpointError, match=r"model\.safetensors: cannot read safetensors file"):
+        load_pretrained(saved_moe, mask_token_id=299)
+    f.write_bytes(b"\x00garbage")
+    with pytest.raises(HFCheckpointError, match=r"model\.safetensors: cannot read"):
+        load_pretrained(saved_moe, mask_token_id=299)
+
+
+def test_error_wrong_shape_names_tensor_and_shapes(saved_moe):
+    name = "model.layers.0.mlp.experts.3.up_proj.weight"
+    _rewrite(saved_moe, lambda sd: sd.__setitem__(name, torch.zeros(31, 64)))
+    with pytest.raises(HFCheckpointError, match=rf"1 tensors with the wrong shape: {name} \[31, 64\] "
+                                                r"\(expected \[32, 64\]\)"):
+        load_pretrained(saved_moe, mask_token_id=299)
+
+
+def test_error_missing_and_unexpected_tensors_are_listed_with_counts(saved_moe):
+    def edit(sd):
+        del sd["model.layers.2.mlp.experts.5.gate_proj.weight"]
+        del sd["model.norm.weight"]
+        sd["model.layers.0.mlp.experts.6.gate_proj.weight"] = torch.zeros(32, 64)  # only 6 experts
+        sd["model.extra.bias"] = torch.zeros(3)
+
+    _rewrite(saved_moe, edit)
+    with pytest.raises(HFCheckpointError) as err:
+        load_pretrained(saved_moe, mask_token_id=299)
+    msg = str(err.value)
+    assert "2 missing parameters" in msg and "norm.weight" in msg
+    assert "layers.2.mlp.experts.gate_proj (experts [5])" in msg
+    assert "2 unexpected tensors" in msg and "model.extra.bias" in msg
+    assert "model.layers.0.mlp.experts.6.gate_proj.weight" in msg
+
+
+def test_error_shard_listed_in_index_is_absent(hf, tmp_path):
+    folder = hf.save(hf.make(False), tmp_path / "ckpt", max_shard_size="40KB")
+    victim = sorted(folder.glob("model-*.safetensors"))[-1]
+    victim.unlink()
+    with pytest.raises(HFCheckpointError, match=f"shard files that do not exist.*{victim.name}"):
+        load_pretrained(folder, mask_token_id=299)
+
+
+def test_parse_size():
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("2MiB") == 2 * 2**20 and parse_size(77) == 77
+    with pytest.raises(HFCheckpointError, match="max_shard_size '5 parsecs'"):
+        parse_size("5 parsecs")
+
+
+# --------------------------------------------------------------------------- export script
+def _export_main():
+    spec = importlib.util.spec_from_file_location("export_hf", REPO / "scripts" / "export_hf.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.main
+
+
+def test_export_script_hf_to_hf_and_dcp_to_hf(tmp_path):
+    main = _export_main()
+    model = build_model(get_preset("debug"), seed=5)
+    save_pretrained(model, tmp_path / "hf")
+    (tmp_path / "hf" / "tokenizer.json").write_text("{}")
+    main([str(tmp_path / "hf"), str(tmp_path / "hf16"), "--dtype", "bfloat16", "--attention",
+          "bidirectional", "--objective", "mdlm"])
+    out = tmp_path / "hf16"
+    assert json.loads((out / "config.json").read_text())["rnd1"]["attention"] == "bidirectional"
+    assert (out / "tokenizer.json").is_file()
+    m16 = load_pretrained(out, dtype=torch.bfloat16)
+    assert torch.equal(m16.layers[0].mlp.experts.down_proj, model.layers[0].mlp.experts.down_proj.bfloat16())
+
+    from rnd1.checkpoint.dcp import CheckpointManager
+
+    CheckpointManager(tmp_path / "dcp").save(7, model, None, {})
+    with pytest.raises(SystemExit, match="--model-config"):
+        main([str(tmp_path / "dcp"), str(tmp_path / "fromdcp")])
+    main([str(tmp_path / "dcp"), str(tmp_path / "fromdcp"), "--model-config", "debug"])
+    back = load_pretrained(tmp_path / "fromdcp")
+    for (k, a), b in zip(model.state_dict().items(), back.state_dict().values()):
+        assert torch.equal(a, b), k
