@@ -1,0 +1,121 @@
+"""Expert parallelism: experts sharded on the expert dimension over the EP mesh, tokens moved to
+them with all-to-all.
+
+With EP degree ``ep`` and ``E`` experts, rank j of an EP group owns experts
+``[j * E/ep, (j+1) * E/ep)``. One MoE layer's forward on each rank:
+
+1. sort the local (token, slot) pairs by global expert id (as the single-process dispatcher does);
+2. all-to-all the per-expert counts, so every rank learns how many rows it will receive from
+   each peer for each of its experts (one host sync: the split sizes of step 3);
+3. ``all_to_all_single`` of the expert-sorted rows with those variable splits;
+4. regroup the received rows from (source rank, expert) order to (expert, source rank) order
+   and run the local grouped GEMMs;
+5. undo 4 and 3 (the reverse all-to-all), unsort, and combine with the routing weights.
+
+Every step is differentiable (the all-to-all's backward is the reverse all-to-all). The
+``AllToAllDispatcher`` implements the model's ``TokenDispatcher`` seam, so a different transport
+(e.g. a DeepEP-like fused kernel with NVLink/RDMA buffers) is one more class with the same two
+methods: ``dispatch(x, topk_ids, topk_weights, num_experts) -> (rows, offs, ctx)`` and
+``combine(rows_out, ctx) -> [T, H]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed._functional_collectives as funcol
+import torch.nn.functional as F
+from torch.distributed.tensor import DTensor, Shard
+
+from rnd1.model.grouped_mm import grouped_mm
+from rnd1.model.moe import GroupedExperts, LocalDispatcher, MoE
+
+
+def all_to_all(x, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
+    """Differentiable all_to_all_single with variable splits (backward: the reverse exchange).
+    The functional collective is a dispatcher op, so selective activation checkpointing can
+    save its output instead of re-sending the tokens during recomputation."""
+    return funcol.wait_tensor(funcol.all_to_all_single_autograd(x.contiguous(), out_splits, in_splits, group))
+
+
+@dataclass
+class _EPCtx:
+    local_ctx: object  # the LocalDispatcher context (sort order + routing weights)
+    send_splits: list[int]  # rows sent to each EP rank
+    recv_splits: list[int]  # rows received from each EP rank
+    regroup: torch.Tensor  # received-row index of each row in (expert, source) order
+
+
+class AllToAllDispatcher:
+    def __init__(self, group, ep_size: int, ep_rank: int):
+        self.group, self.ep, self.ep_rank = group, ep_size, ep_rank
+        self._local = LocalDispatcher()
+
+    def dispatch(self, x, topk_ids, topk_weights, num_experts):
+        e_local = num_experts // self.ep
+        x_sorted, offs, local_ctx = self._local.dispatch(x, topk_ids, topk_weights, num_experts)
+        counts = torch.diff(offs.long(), prepend=offs.new_zeros(1).long())  # [E] rows per global expert
+        # [ep * e_local] in (source rank, local expert) order
+        recv_counts = funcol.wait_tensor(funcol.all_to_all_single(counts, None, None, self.group))
+        send_splits = counts.view(self.ep, e_local).sum(1).tolist()
+        recv_by_src = recv_counts.view(self.ep, e_local)
+        recv_splits = recv_by_src.sum(1).tolist()
+        received = all_to_all(x_sorted, recv_splits, send_splits, self.group)
+        # Regroup (source, expert) -> (expert, source): the grouped GEMM wants each expert contiguous.
+        starts = torch.cumsum(recv_by_src.flatten(), 0) - recv_by_src.flatten()
+        starts = starts.view(self.ep, e_local).t().flatten()  # segment starts in (expert, source) order
+        lens = recv_by_src.t().flatten()
+        regroup = _segment_indices(starts, lens)
+        local_offs = torch.cumsum(recv_by_src.sum(0), 0).to(torch.int32)
+        return received.index_select(0, regroup), local_offs, _EPCtx(local_ctx, send_splits, recv_splits, regroup)
+
+    def combine(self, y, ctx: _EPCtx):
+        back = torch.empty_like(y).index_copy_(0, ctx.regroup, y)
+        returned = all_to_all(back, ctx.send_splits, ctx.recv_splits, self.group)
+        return self._local.combine(returned, ctx.local_ctx)
+
+
+def _segment_indices(starts: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+    """Concatenate arange(starts[i], starts[i] + lens[i]) for all i, without a Python loop."""
+    total = int(lens.sum())
+    if total == 0:
+        return torch.zeros(0, dtype=torch.long, device=starts.device)
+    seg = torch.repeat_interleave(torch.arange(len(lens), device=starts.device), lens)
+    offsets_in_seg = torch.arange(total, device=starts.device) - torch.repeat_interleave(
+        torch.cumsum(lens, 0) - lens, lens)
+    return starts[seg] + offsets_in_seg
+
+
+class EPGroupedExperts(GroupedExperts):
+    """GroupedExperts whose stacked weights are DTensors sharded on the expert dim: compute with
+    the local shard (the experts this rank owns). Installed by swapping the module's class."""
+
+    def forward(self, x, offs):
+        gate, up, down = (p.to_local() if isinstance(p, DTensor) else p
+                          for p in (self.gate_proj, self.up_proj, self.down_proj))
+        h = F.silu(grouped_mm(x, gate.transpose(-2, -1), offs)) * grouped_mm(x, up.transpose(-2, -1), offs)
+        return grouped_mm(h, down.transpose(-2, -1), offs)
+
+
+def apply_expert_parallel(model: torch.nn.Module, ep_mesh) -> None:
+    """Shard every MoE layer's experts over ``ep_mesh`` (Shard(0) DTensors) and install the
+    all-to-all dispatcher. Works on a meta-device model (nothing is materialised)."""
+    ep = ep_mesh.size()
+    group = ep_mesh.get_group()
+    ep_rank = ep_mesh.get_local_rank()
+    for block in model.layers:
+        mlp = getattr(block, "mlp", None)
+        if not isinstance(mlp, MoE):
+            continue
+        if mlp.num_experts % ep:
+            raise ValueError(f"{mlp.num_experts} experts cannot be split over expert_parallel_degree={ep}")
+        experts = mlp.experts
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            full = getattr(experts, name)
+            local = full.detach()[ep_rank * (full.shape[0] // ep):(ep_rank + 1) * (full.shape[0] // ep)]
+            dt = DTensor.from_local(local.clone() if local.device.type != "meta" else torch.empty_like(local),
+                                    ep_mesh, [Shard(0)], run_check=False)
+            setattr(experts, name, torch.nn.Parameter(dt, requires_grad=full.requires_grad))
+        experts.__class__ = EPGroupedExperts
+        mlp.dispatcher = AllToAllDispatcher(group, ep, ep_rank)
