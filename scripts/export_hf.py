@@ -28,7 +28,7 @@ from rnd1.checkpoint.hf import (
     read_hf_config,
     save_pretrained,
 )
-from rnd1.model.config import ModelConfig, get_preset
+from rnd1.model.config import ModelConfig, ModelConfigError, get_preset
 from rnd1.model.qwen3 import ATTENTION_MODES, Qwen3
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -84,6 +84,8 @@ def main(argv: list[str] | None = None) -> Path:
 
     overrides = {} if args.mask_token_id is None else {"mask_token_id": args.mask_token_id}
     rnd1_meta: dict = {}
+    if not args.input.exists():
+        raise SystemExit(f"export_hf: input {args.input} does not exist")
     if (args.input / CONFIG_NAME).is_file():
         rnd1_meta = dict(read_hf_config(args.input).get("rnd1") or {})
         if args.model_config:
@@ -112,5 +114,9 @@ def main(argv: list[str] | None = None) -> Path:
 if __name__ == "__main__":
     try:
         main()
-    except HFCheckpointError as e:
+    except (HFCheckpointError, ModelConfigError, OSError) as e:
+        sys.exit(f"export_hf: {e}")
+    except RuntimeError as e:  # rnd1.checkpoint.dcp.CheckpointError: not a complete DCP checkpoint
+        if type(e).__name__ != "CheckpointError":
+            raise
         sys.exit(f"export_hf: {e}")
