@@ -1,0 +1,108 @@
+"""Weighted cross-entropy of a linear head at selected positions, without the [N, V] logits.
+
+    loss = sum_{i selected} weights[i] * (logsumexp(hidden[i] @ W^T) - hidden[i] @ W[targets[i]])
+
+For A2D training on Qwen3 (V = 151,936) the logits of a micro-batch are the largest tensor of
+the step; this op never materialises them. Both paths compute the gradients of ``hidden`` and
+``weight`` during the forward pass, chunk by chunk (Liger-Kernel's fused-linear-CE idea), and
+scale them by the incoming gradient in backward, so each chunk's logits are computed exactly
+once and freed at once.
+
+- reference (CPU, and the semantics): loops over chunks of ``chunk_tokens`` rows; per chunk, one
+  [c, V] logits block in fp32, softmax, the gradient block, two matmuls.
+- triton (CUDA, or CPU under TRITON_INTERPRET=1): ``kernels/masked_cross_entropy_triton.py``,
+  vocabulary-tiled with an online log-sum-exp so even one row's logits never exist in full.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.backend import resolve_backend
+
+DEFAULT_CHUNK_TOKENS = 256
+
+
+def _prepare(hidden, targets, weights, select, ignore_index):
+    keep = targets != ignore_index
+    if select is not None:
+        keep = keep & select
+    if not bool(keep.all()):
+        idx = keep.nonzero().squeeze(1)
+        return hidden.index_select(0, idx), targets.index_select(0, idx), weights.index_select(0, idx), idx
+    return hidden, targets, weights, None
+
+
+@torch.no_grad()
+def _fused_forward_reference(hidden, weight, targets, weights, chunk_tokens, need_grads):
+    """Returns (loss fp32 scalar, d_hidden [N, H] fp32 or None, d_weight [V, H] fp32 or None)."""
+    N = hidden.shape[0]
+    loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    dh = torch.empty(N, hidden.shape[1], dtype=torch.float32, device=hidden.device) if need_grads else None
+    dw = torch.zeros(weight.shape, dtype=torch.float32, device=hidden.device) if need_grads else None
+    w32 = weight if weight.dtype == torch.float32 else None
+    for s in range(0, N, chunk_tokens):
+        h = hidden[s:s + chunk_tokens]
+        logits = (h @ weight.t()).float()  # [c, V]
+        t = targets[s:s + chunk_tokens]
+        wt = weights[s:s + chunk_tokens].float()
+        lse = torch.logsumexp(logits, dim=-1)
+        loss += (wt * (lse - logits.gather(1, t[:, None]).squeeze(1))).sum()
+        if need_grads:
+            # d loss / d logits = w * (softmax - onehot), computed in place on the logits block
+            logits.sub_(lse[:, None]).exp_()
+            logits.scatter_add_(1, t[:, None], -torch.ones_like(wt)[:, None])
+            logits.mul_(wt[:, None])
+            g = logits if hidden.dtype == torch.float32 else logits.to(hidden.dtype)
+            dh[s:s + chunk_tokens] = (g @ (w32 if w32 is not None else weight)).float()
+            dw.addmm_(g.t().float() if g.dtype != torch.float32 else g.t(), h.float())
+    return loss, dh, dw
+
+
+class _MaskedCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, weights, chunk_tokens, backend):
+        need = hidden.requires_grad or weight.requires_grad
+        if backend == "triton":
+            from kernels.masked_cross_entropy_triton import fused_forward_triton
+
+            loss, dh, dw = fused_forward_triton(hidden, weight, targets, weights, need)
+        else:
+            loss, dh, dw = _fused_forward_reference(hidden, weight, targets, weights, chunk_tokens, need)
+        ctx.save_for_backward(dh, dw)
+        ctx.dtypes = (hidden.dtype, weight.dtype)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        dh, dw = ctx.saved_tensors
+        gh = (dh * grad).to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
+        gw = (dw * grad).to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None
+        return gh, gw, None, None, None, None
+
+
+def masked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         weights: torch.Tensor, select: torch.Tensor | None = None, *,
+                         chunk_tokens: int = DEFAULT_CHUNK_TOKENS, backend: str = "auto",
+                         ignore_index: int = -100) -> torch.Tensor:
+    """Weighted CE sum (fp32 scalar) over selected rows of ``hidden`` [N, H] against ``weight``
+    [V, H]; ``targets`` [N] int64, ``weights`` [N] (e.g. 1/t), ``select`` [N] bool or None."""
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"masked_cross_entropy: hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} "
+                         f"must be [N, H] and [V, H]")
+    if targets.shape != hidden.shape[:1] or weights.shape != hidden.shape[:1]:
+        raise ValueError(f"masked_cross_entropy: targets {tuple(targets.shape)} and weights "
+                         f"{tuple(weights.shape)} must be [N] with N = {hidden.shape[0]}")
+    hidden, targets, weights, _ = _prepare(hidden, targets, weights, select, ignore_index)
+    if hidden.shape[0] == 0:
+        return (hidden.sum() + weight.sum()) * 0.0  # keeps the graph connected; exact zero grads
+    return _MaskedCE.apply(hidden, weight, targets, weights, chunk_tokens,
+                           resolve_backend(backend, hidden.device))
+
+
+def masked_cross_entropy_reference_full(hidden, weight, targets, weights, select=None, ignore_index=-100):
+    """The naive definition (full fp32 logits): the oracle for tests and the benchmark baseline."""
+    hidden, targets, weights, _ = _prepare(hidden, targets, weights, select, ignore_index)
+    logits = hidden.float() @ weight.float().t()
+    ce = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+    return (ce * weights.float()).sum()

@@ -1,0 +1,129 @@
+"""AdamW with per-group learning rates, and learning-rate schedules in token space.
+
+Knowledge retention in RND1 comes from treating attention and everything else differently:
+attention must learn bidirectional context, while the factual knowledge stored in the MLPs /
+experts and embeddings should be disturbed as little as possible. The paper's Settings 1-4
+(Fig. 4.1) are pairs of (peak LR, weight decay) for the two groups, e.g. attention 3e-4 with
+non-attention 1e-8, weight decay 0.1 — each expressible as ``[optimizer]`` keys.
+
+Schedules are functions of tokens seen, not steps, so runs with different global batch sizes
+(the critical-batch-size sweep) warm up and decay over the same data.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+GROUP_NAMES = ("attention", "non_attention")
+
+
+@dataclass
+class GroupSpec:
+    lr: float
+    weight_decay: float = 0.0
+
+
+def is_attention_param(name: str) -> bool:
+    """q/k/v/o projections and the per-head q/k norms."""
+    return ".self_attn." in name
+
+
+def param_groups(model: torch.nn.Module, *, attention: GroupSpec, non_attention: GroupSpec) -> list[dict]:
+    """Split parameters into the attention and non-attention groups. A group whose peak lr is 0
+    is frozen: requires_grad is switched off and it is left out of the optimiser, so no Adam
+    state is allocated for it."""
+    specs = {"attention": attention, "non_attention": non_attention}
+    members: dict[str, list] = {k: [] for k in GROUP_NAMES}
+    seen = set()
+    for name, p in model.named_parameters():  # tied parameters appear once
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        members["attention" if is_attention_param(name) else "non_attention"].append(p)
+    groups = []
+    for gname in GROUP_NAMES:
+        spec, params = specs[gname], members[gname]
+        if spec.lr < 0:
+            raise ValueError(f"optimizer: lr of group {gname} must be >= 0, got {spec.lr}")
+        if spec.lr == 0:
+            for p in params:
+                p.requires_grad_(False)
+            continue
+        if params:
+            groups.append({"params": params, "name": gname, "lr": spec.lr, "peak_lr": spec.lr,
+                           "weight_decay": spec.weight_decay})
+    if not groups:
+        raise ValueError("optimizer: every parameter group has lr 0: nothing to train")
+    return groups
+
+
+def build_optimizer(model, *, attention: GroupSpec, non_attention: GroupSpec, betas=(0.9, 0.95),
+                    eps: float = 1e-8, implementation: str = "foreach") -> torch.optim.AdamW:
+    kw = {"foreach": implementation == "foreach", "fused": implementation == "fused"}
+    if implementation not in ("foreach", "fused", "for-loop"):
+        raise ValueError(f"optimizer.implementation {implementation!r}: expected foreach, fused or for-loop")
+    groups = param_groups(model, attention=attention, non_attention=non_attention)
+    return torch.optim.AdamW(groups, betas=betas, eps=eps, **kw)
+
+
+def scale_lr(eta0: float, batch_tokens: int, base_batch_tokens: int) -> float:
+    """eta(B) = eta0 * sqrt(B / B0): the square-root rule RND1 uses across batch sizes."""
+    return eta0 * math.sqrt(batch_tokens / base_batch_tokens)
+
+
+DECAYS = ("constant", "linear", "cosine", "wsd")
+
+
+class TokenSchedule:
+    """LR multiplier as a function of tokens seen: linear warmup over ``warmup_tokens``, then
+
+    - ``constant``: 1 (the RND1 recipe);
+    - ``linear`` / ``cosine``: decay to ``min_lr_ratio`` at ``total_tokens``;
+    - ``wsd``: warmup-stable-decay, constant until the last ``decay_fraction`` of tokens, then
+      linear to ``min_lr_ratio``."""
+
+    def __init__(self, warmup_tokens: int, total_tokens: int, decay: str = "constant",
+                 decay_fraction: float = 0.1, min_lr_ratio: float = 0.0):
+        if decay not in DECAYS:
+            raise ValueError(f"lr_schedule.decay_type {decay!r}: expected one of {DECAYS}")
+        if warmup_tokens < 0 or total_tokens <= 0:
+            raise ValueError(f"lr_schedule: warmup_tokens={warmup_tokens} must be >= 0 and total_tokens="
+                             f"{total_tokens} > 0")
+        self.warmup, self.total, self.decay = warmup_tokens, total_tokens, decay
+        self.decay_fraction, self.min_ratio = decay_fraction, min_lr_ratio
+        self.last_factor = 0.0
+
+    def factor(self, tokens: int) -> float:
+        if self.warmup > 0 and tokens < self.warmup:
+            return (tokens + 1) / (self.warmup + 1)
+        if self.decay == "constant":
+            return 1.0
+        if self.decay == "wsd":
+            start = self.total * (1.0 - self.decay_fraction)
+            if tokens < start:
+                return 1.0
+            progress = min(1.0, (tokens - start) / max(self.total - start, 1))
+            return 1.0 - (1.0 - self.min_ratio) * progress
+        progress = min(1.0, max(0.0, (tokens - self.warmup) / max(self.total - self.warmup, 1)))
+        if self.decay == "linear":
+            return 1.0 - (1.0 - self.min_ratio) * progress
+        return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def apply(self, optimizer: torch.optim.Optimizer, tokens: int) -> dict[str, float]:
+        """Set every group's lr for the update that follows ``tokens`` tokens; return them by name."""
+        f = self.factor(tokens)
+        self.last_factor = f
+        out = {}
+        for g in optimizer.param_groups:
+            g["lr"] = g["peak_lr"] * f
+            out[g.get("name", str(len(out)))] = g["lr"]
+        return out
+
+    def state_dict(self) -> dict:
+        return {"warmup": self.warmup, "total": self.total, "decay": self.decay, "last_factor": self.last_factor}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.last_factor = state.get("last_factor", 0.0)

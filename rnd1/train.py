@@ -1,0 +1,274 @@
+"""The training loop: build -> parallelise -> load -> step -> log -> checkpoint.
+
+``python -m rnd1.train --config train_configs/debug_model.toml [--section.key=value ...]``
+(or ``./run_train.sh``, which wraps torchrun). One step, as data: packed token windows from the
+loader -> corruption (x_t, t) -> model hidden states -> only the supervised positions reach the
+LM head (masked cross-entropy, weight 1/t) -> sum / global target count -> backward -> clip ->
+AdamW with per-group learning rates from the token-space schedule -> metrics -> checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from rnd1.checkpoint.dcp import CheckpointManager
+from rnd1.config import ConfigError, JobConfig, parse_args, validate
+from rnd1.diffusion.corruption import corrupt
+from rnd1.diffusion.loss import objective_loss
+from rnd1.diffusion.objectives import build_targets
+from rnd1.metrics import MetricsLogger, Throughput, measure_matmul_peak, peak_memory_bytes, router_balance
+from rnd1.parallel.env import DistEnv, barrier, destroy, init_distributed
+from rnd1.training import build as B
+from rnd1.training.guards import NonFiniteGuard
+from rnd1.training.preemption import PreemptionHandler
+
+
+def log0(env: DistEnv, msg: str) -> None:
+    if env.is_rank0:
+        print(f"[rnd1] {msg}", flush=True)
+
+
+class Trainer:
+    def __init__(self, cfg: JobConfig, env: DistEnv):
+        self.cfg, self.env = cfg, env
+        self.run_dir = Path(cfg.job.dump_folder)
+        if env.is_rank0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.toml").write_text(cfg.to_toml())
+            if cfg.job.print_config:
+                print(cfg.to_toml(), flush=True)
+        torch.manual_seed(cfg.training.seed)
+        if cfg.training.deterministic:
+            torch.use_deterministic_algorithms(True)
+
+        self.tokenizer = B.build_tokenizer(cfg)
+        self.model_cfg = B.build_model_config(cfg, self.tokenizer)
+        self.parallel = B.build_parallel_dims(cfg, env)
+        self.datasets = B.ensure_datasets(cfg, self.tokenizer, self.model_cfg, env)
+        self.batch = B.batch_plan(cfg, self.parallel)
+        B.set_kernel_backends(cfg)
+
+        self.model = B.build_and_load_model(cfg, self.model_cfg, self.parallel, env)
+        self.optimizer, self.schedule = B.build_optimizer_and_schedule(cfg, self.model, self.batch)
+        self.train_loader = B.build_loader(cfg, self.datasets, "train", self.batch, self.parallel)
+        self.ckpt = CheckpointManager(self.run_dir / cfg.checkpoint.folder, cfg.checkpoint.keep_latest_k)
+        self.step, self.tokens_seen = 0, 0
+        self.guard = NonFiniteGuard(cfg.training.max_nonfinite_skips)
+        self.metrics = MetricsLogger(self.run_dir, enabled=env.is_rank0, tensorboard=cfg.metrics.enable_tensorboard)
+        peak = cfg.metrics.peak_flops or measure_matmul_peak(
+            torch.bfloat16 if cfg.training.autocast == "bfloat16" or self.model_dtype == torch.bfloat16
+            else torch.float32, device=env.device)
+        self.peak_flops = peak
+        self.throughput = Throughput(self.model_cfg.flops_per_token(cfg.training.seq_len), peak, env.world_size)
+        self._resume()
+        self._update_attention_mode()
+
+    @property
+    def model_dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    # ----------------------------------------------------------------- checkpoints
+    def _resume(self):
+        if not self.cfg.checkpoint.enable:
+            return
+        for stale in self.ckpt.incomplete_checkpoints():
+            log0(self.env, f"ignoring incomplete checkpoint {stale} (interrupted save)")
+        latest = self.ckpt.latest()
+        if latest is None:
+            return
+        step, path = latest
+        extra = self.ckpt.load(path, self.model, self.optimizer)
+        self.step = step
+        if extra:
+            self.tokens_seen = extra["tokens_seen"]
+            self.schedule.load_state_dict(extra["schedule"])
+            self.train_loader.load_state_dict(extra["loader"])
+            self.guard.load_state_dict(extra.get("guard", {}))
+            torch.set_rng_state(extra["rng_cpu"])
+        else:
+            self.tokens_seen = step * self.batch.global_batch_tokens
+            log0(self.env, f"{path} was written by another world size: model and optimiser restored, "
+                           f"data order restarts from the token count")
+        log0(self.env, f"resumed from {path} at step {step} ({self.tokens_seen:,} tokens)")
+
+    def save_checkpoint(self):
+        extra = {
+            "tokens_seen": self.tokens_seen,
+            "schedule": self.schedule.state_dict(),
+            "loader": self.train_loader.state_dict(),
+            "guard": self.guard.state_dict(),
+            "rng_cpu": torch.get_rng_state(),
+        }
+        path = self.ckpt.save(self.step, self.model, self.optimizer, extra,
+                              meta={"tokens_seen": self.tokens_seen})
+        log0(self.env, f"saved checkpoint {path}")
+
+    # ----------------------------------------------------------------- recipe
+    def _update_attention_mode(self):
+        mode = B.attention_mode_for(self.cfg.objective, self.tokens_seen)
+        if getattr(self.model, "attention_mode", None) != mode:
+            if self.step > 0 or self.cfg.objective.attention_recipe == "grafting":
+                log0(self.env, f"attention -> {mode} at step {self.step} ({self.tokens_seen:,} tokens)")
+            self.model.set_attention_mode(mode)
+
+    def _autocast(self):
+        if self.cfg.training.autocast == "bfloat16":
+            return torch.autocast(self.env.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    # ----------------------------------------------------------------- one step
+    def _corrupt_microbatches(self, batches):
+        """Corrupt every micro-batch of the step first: the loss divides by the number of target
+        positions in the global batch, which must be known before the first backward."""
+        obj = self.cfg.objective
+        out = []
+        for micro, batch in enumerate(batches):
+            gen = torch.Generator().manual_seed(
+                B.step_seed(self.cfg.training.seed, self.step, self.parallel.dp_rank, micro))
+            x0 = batch["input_ids"]
+            c = corrupt(x0, obj.name, self.model_cfg.mask_token_id, eps=obj.eps, generator=gen,
+                        low_discrepancy=obj.low_discrepancy)
+            targets = build_targets(obj.name, x0, c.x_t, c.masked, c.t)
+            out.append((batch, c, targets))
+        local = torch.tensor([float(t.num_targets) for _, _, t in out]).sum()
+        total = self.parallel.all_reduce_dp(local.clone())
+        return out, total
+
+    def train_step(self) -> dict:
+        cfg, dev = self.cfg, self.env.device
+        self.model.train()
+        batches = [next(self.train_loader) for _ in range(self.batch.grad_accum)]
+        micro, num_targets_global = self._corrupt_microbatches(batches)
+        aux_coef = B.aux_loss_coef(cfg, self.model_cfg)
+        loss_sum = torch.zeros((), device=dev)
+        masked = torch.zeros((), device=dev)
+        use_docs = cfg.training.document_masking
+        for batch, c, targets in micro:
+            x_t = c.x_t.to(dev)
+            doc_ids = batch["doc_ids"].to(dev) if use_docs else None
+            targets = targets.to(dev)
+            with self._autocast():
+                hidden = self.model(x_t, doc_ids=doc_ids, return_hidden=True)
+                out = objective_loss(hidden, self.model.lm_head.weight, targets, num_targets_global,
+                                     ce_backend=cfg.kernels.cross_entropy)
+                loss = out.loss * self.parallel.dp_loss_scale
+                if aux_coef > 0:
+                    loss = loss + aux_coef * self.model.moe_aux_loss() / self.batch.grad_accum
+            loss.backward()
+            loss_sum += out.loss.detach()
+            masked += c.masked.float().mean().to(dev) / self.batch.grad_accum
+        grad_norm = B.clip_grad_norm(self.model, cfg.training.max_norm)
+        loss_global = self.parallel.all_reduce_dp(loss_sum)
+        lrs = self.schedule.apply(self.optimizer, self.tokens_seen)
+        if self.guard.check(loss_global, grad_norm, self.step + 1, self.ckpt.latest()):
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens_seen += self.batch.global_batch_tokens
+        self.throughput.update(self.batch.global_batch_tokens)
+        return {"loss": loss_global.item(), "grad_norm": grad_norm.item(), "masked_frac": masked.item(),
+                **{f"lr/{k}": v for k, v in lrs.items()}, "tokens": self.tokens_seen,
+                "skipped_steps": self.guard.skipped}
+
+    # ----------------------------------------------------------------- validation
+    @torch.no_grad()
+    def validate(self) -> float:
+        """Loss on the first ``eval.val_steps`` validation batches with t on a fixed grid and a
+        fixed masking seed, so runs (and branches of a sweep) are comparable."""
+        cfg = self.cfg
+        loader = B.build_loader(cfg, self.datasets, "val", self.batch, self.parallel, seed=cfg.eval.val_seed)
+        self.model.eval()
+        grid = list(cfg.eval.val_t_grid) if cfg.objective.name != "ar" else [1.0]
+        total = torch.zeros((), device=self.env.device)
+        count = 0
+        for i in range(cfg.eval.val_steps):
+            batch = next(loader)
+            x0 = batch["input_ids"]
+            for j, t in enumerate(grid):
+                gen = torch.Generator().manual_seed(B.step_seed(cfg.eval.val_seed, i, self.parallel.dp_rank, j))
+                c = corrupt(x0, cfg.objective.name, self.model_cfg.mask_token_id, eps=cfg.objective.eps,
+                            generator=gen, t=torch.full((x0.shape[0],), float(t)))
+                targets = build_targets(cfg.objective.name, x0, c.x_t, c.masked, c.t).to(self.env.device)
+                n = self.parallel.all_reduce_dp(targets.num_targets.float().to(self.env.device))
+                with self._autocast():
+                    hidden = self.model(c.x_t.to(self.env.device), return_hidden=True)
+                    out = objective_loss(hidden, self.model.lm_head.weight, targets, n,
+                                         ce_backend=cfg.kernels.cross_entropy)
+                total += self.parallel.all_reduce_dp(out.loss.float())
+                count += 1
+        self.model.train()
+        return (total / max(count, 1)).item()
+
+    # ----------------------------------------------------------------- loop
+    def train(self):
+        cfg, env = self.cfg, self.env
+        total_steps = self.batch.total_steps
+        log0(env, f"model {cfg.model.name}: {self.model_cfg.param_counts()['total']:,} params "
+                  f"({self.model_cfg.param_counts()['active']:,} active); objective {cfg.objective.name}, "
+                  f"recipe {cfg.objective.attention_recipe}; {total_steps} steps x "
+                  f"{self.batch.global_batch_tokens:,} tokens (micro-batch {cfg.training.local_batch_size} x "
+                  f"{cfg.training.seq_len}, grad accum {self.batch.grad_accum}, dp {self.parallel.dp_size}); "
+                  f"peak {self.peak_flops / 1e12:.2f} TFLOP/s per process")
+        preempt = PreemptionHandler()
+        t_start = time.perf_counter()
+        start_step = self.step
+        try:
+            while self.step < total_steps:
+                self._update_attention_mode()
+                m = self.train_step()
+                last = self.step == total_steps
+                if self.step % cfg.metrics.log_freq == 0 or last or self.step == 1:
+                    m.update(self.throughput.report())
+                    m["memory_gib"] = peak_memory_bytes(env.device) / 2**30
+                    m.update(router_balance(self.model.tokens_per_expert()))
+                    done = self.step - start_step
+                    eta = (time.perf_counter() - t_start) / max(done, 1) * (total_steps - self.step)
+                    self.metrics.log(self.step, m, eta_s=eta)
+                if cfg.eval.interval and (self.step % cfg.eval.interval == 0 or last):
+                    self.metrics.log(self.step, {"val_loss": self.validate(), "tokens": self.tokens_seen},
+                                     prefix="[val] ")
+                interval_hit = cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0
+                stop = preempt.should_stop(env.device)
+                if cfg.checkpoint.enable and (interval_hit or last or stop):
+                    self.save_checkpoint()
+                if stop:
+                    log0(env, f"preempted: checkpoint saved at step {self.step}; exiting")
+                    return
+        finally:
+            preempt.restore()
+            self.metrics.close()
+        if cfg.checkpoint.export_hf_at_end and env.is_rank0:
+            path = B.export_hf(cfg, self.model, self.run_dir)
+            log0(env, f"exported Hugging Face checkpoint to {path}")
+        log0(env, f"done: {self.step} steps, {self.tokens_seen:,} tokens in "
+                  f"{time.perf_counter() - t_start:.1f}s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = parse_args(sys.argv[1:] if argv is None else argv)
+        env = init_distributed(cfg.training.device)
+        validate(cfg, env.world_size)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    try:
+        Trainer(cfg, env).train()
+    except B.StartupError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        barrier()
+        destroy()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,255 @@
+"""Builders the trainer calls once at start-up, each turning one config section into objects.
+
+Every check that can fail before training starts lives here and raises ``StartupError`` with a
+one-line message naming the culprit (file, key, value) — nothing is written before they pass.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from rnd1.model.config import ModelConfig, ModelConfigError, get_preset
+from rnd1.model.qwen3 import Qwen3
+from rnd1.parallel.dims import ParallelDims
+from rnd1.parallel.env import DistEnv, barrier
+
+
+class StartupError(RuntimeError):
+    """Bad input detected before training: config, data, checkpoint or layout."""
+
+
+# --------------------------------------------------------------------------- tokenizer + model config
+def build_tokenizer(cfg):
+    from rnd1.data.tokenizer import load_tokenizer
+
+    try:
+        return load_tokenizer(cfg.model.tokenizer_path)
+    except (OSError, ValueError) as e:
+        raise StartupError(f"model.tokenizer_path={cfg.model.tokenizer_path!r}: {e}") from e
+
+
+def build_model_config(cfg, tokenizer) -> ModelConfig:
+    try:
+        if cfg.model.hf_config:
+            path = Path(cfg.model.hf_config)
+            path = path / "config.json" if path.is_dir() else path
+            if not path.is_file():
+                raise StartupError(f"model.hf_config: {path} does not exist")
+            mcfg = ModelConfig.from_hf_config(json.loads(path.read_text()))
+        else:
+            mcfg = get_preset(cfg.model.name)
+        mask_id = cfg.model.mask_token_id if cfg.model.mask_token_id >= 0 else tokenizer.mask_id
+        mcfg = mcfg.replace(mask_token_id=mask_id)
+    except ModelConfigError as e:
+        raise StartupError(str(e)) from e
+    if tokenizer.vocab_size > mcfg.vocab_size:
+        raise StartupError(f"tokenizer {cfg.model.tokenizer_path!r} has {tokenizer.vocab_size} ids but model "
+                           f"{cfg.model.name!r} has vocab_size {mcfg.vocab_size}")
+    if cfg.training.seq_len > mcfg.max_position_embeddings:
+        raise StartupError(f"training.seq_len={cfg.training.seq_len} exceeds the model's "
+                           f"max_position_embeddings={mcfg.max_position_embeddings}")
+    return mcfg
+
+
+# --------------------------------------------------------------------------- data
+def ensure_datasets(cfg, tokenizer, mcfg: ModelConfig, env: DistEnv) -> list:
+    """Open (and, for ``data.prepare = "stdlib"``, first build) every dataset; check that it was
+    built with this run's tokenizer and that its ids fit the model's vocabulary."""
+    from rnd1.data.prepare import prepare
+    from rnd1.data.shards import DataError, TokenDataset
+
+    d = cfg.data
+    if env.is_rank0:
+        for folder in d.datasets:
+            if not (Path(folder) / "meta.json").is_file() and d.prepare:
+                print(f"[rnd1] dataset {folder} missing: preparing it from {d.prepare!r} with tokenizer "
+                      f"{cfg.model.tokenizer_path!r}", flush=True)
+                try:
+                    prepare([d.prepare], cfg.model.tokenizer_path, folder, val_fraction=d.val_fraction,
+                            workers=d.num_workers)
+                except (DataError, OSError) as e:
+                    raise StartupError(f"data.prepare={d.prepare!r}: {e}") from e
+    barrier()
+    try:
+        return [TokenDataset(f, expect_tokenizer=tokenizer.identity(), vocab_size=mcfg.vocab_size)
+                for f in d.datasets]
+    except DataError as e:
+        raise StartupError(str(e)) from e
+
+
+def build_loader(cfg, datasets: list, split: str, batch: "BatchPlan", dims: ParallelDims, seed: int | None = None):
+    from rnd1.data.loader import PackedLoader
+    from rnd1.data.shards import DataError
+
+    try:
+        splits = [ds.split(split) for ds in datasets]
+        return PackedLoader(splits, seq_len=cfg.training.seq_len, batch_size=cfg.training.local_batch_size,
+                            eos_id=datasets[0].eos_id, weights=cfg.data.weights or None,
+                            seed=cfg.training.seed if seed is None else seed, dp_rank=dims.dp_rank,
+                            dp_world_size=dims.dp_size)
+    except DataError as e:
+        raise StartupError(str(e)) from e
+
+
+# --------------------------------------------------------------------------- layout + batch
+def build_parallel_dims(cfg, env: DistEnv) -> ParallelDims:
+    from rnd1.parallel import build_parallel_dims as _build
+
+    try:
+        return _build(cfg.parallelism, env)
+    except ValueError as e:
+        raise StartupError(str(e)) from e
+
+
+@dataclass
+class BatchPlan:
+    local_batch_size: int
+    seq_len: int
+    grad_accum: int
+    global_batch_tokens: int
+    total_steps: int
+    total_tokens: int
+
+
+def batch_plan(cfg, dims: ParallelDims) -> BatchPlan:
+    """Global batch in tokens -> gradient-accumulation steps; steps <-> token budget."""
+    t = cfg.training
+    per_micro = t.local_batch_size * t.seq_len * dims.dp_size
+    gbt = t.global_batch_tokens if t.global_batch_tokens > 0 else per_micro
+    if gbt % per_micro:
+        raise StartupError(
+            f"training.global_batch_tokens={gbt} is not a multiple of local_batch_size x seq_len x "
+            f"data-parallel ranks = {t.local_batch_size} x {t.seq_len} x {dims.dp_size} = {per_micro}")
+    if t.total_tokens > 0:
+        steps = math.ceil(t.total_tokens / gbt)
+    else:
+        steps = t.steps
+    return BatchPlan(t.local_batch_size, t.seq_len, gbt // per_micro, gbt, steps, steps * gbt)
+
+
+def step_seed(seed: int, step: int, rank: int, micro: int) -> int:
+    """A distinct, reproducible seed per (run seed, step, rank, micro-batch): masking noise then
+    needs no RNG state in the checkpoint, and a resumed run draws exactly the same masks."""
+    return (seed * 1_000_003 + step * 10_007 + rank * 101 + micro) % (2**63 - 1)
+
+
+def aux_loss_coef(cfg, mcfg: ModelConfig) -> float:
+    if not mcfg.is_moe:
+        return 0.0
+    c = cfg.objective.moe_aux_loss_coef
+    return mcfg.router_aux_loss_coef if c < 0 else c
+
+
+def attention_mode_for(obj, tokens_seen: int) -> str:
+    """SCP: bidirectional from step 0. Grafting: causal DLM for ``grafting_tokens``, then
+    bidirectional. Causal: AR attention throughout (the ``ar`` objective)."""
+    if obj.attention_recipe == "scp":
+        return "bidirectional"
+    if obj.attention_recipe == "grafting":
+        return "causal" if tokens_seen < obj.grafting_tokens else "bidirectional"
+    return "causal"
+
+
+def set_kernel_backends(cfg) -> None:
+    from kernels.backend import BACKENDS
+    from rnd1.model.grouped_mm import set_grouped_mm_backend
+
+    try:
+        set_grouped_mm_backend(cfg.kernels.grouped_mm)
+    except ValueError as e:
+        raise StartupError(f"kernels.grouped_mm: {e}") from e
+    if cfg.kernels.cross_entropy not in BACKENDS:
+        raise StartupError(f"kernels.cross_entropy={cfg.kernels.cross_entropy!r}: expected one of {BACKENDS}")
+
+
+# --------------------------------------------------------------------------- model
+def build_and_load_model(cfg, mcfg: ModelConfig, dims: ParallelDims, env: DistEnv) -> torch.nn.Module:
+    """Meta-device build -> parallelise -> materialise -> random init or load weights."""
+    from rnd1.parallel import parallelize_model
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.model.dtype]
+    with torch.device("meta"):
+        model = Qwen3(mcfg)
+    try:
+        model = parallelize_model(model, cfg, dims, env)
+    except ValueError as e:
+        raise StartupError(f"parallelism: {e}") from e
+    model.to_empty(device=env.device)
+    model.to(dtype)
+    src = cfg.checkpoint.initial_load_path
+    if cfg.model.init == "random":
+        model.init_weights(seed=cfg.training.seed)
+        if src:
+            raise StartupError("model.init='random' but checkpoint.initial_load_path is set; "
+                               "choose one")
+    else:
+        if not src:
+            raise StartupError("model.init='pretrained' needs checkpoint.initial_load_path (a Hugging Face "
+                               "directory or a DCP checkpoint)")
+        load_initial_weights(model, src, cfg.checkpoint.initial_load_format)
+    return model
+
+
+def load_initial_weights(model, src: str, fmt: str) -> None:
+    from rnd1.checkpoint.dcp import CheckpointError, is_dcp_checkpoint, load_model_weights
+
+    path = Path(src)
+    if not path.exists():
+        raise StartupError(f"checkpoint.initial_load_path: {src} does not exist")
+    if fmt == "auto":
+        fmt = "dcp" if is_dcp_checkpoint(path) else "hf"
+    try:
+        if fmt == "dcp":
+            load_model_weights(model, path)
+        else:
+            from rnd1.checkpoint.hf import load_state_dict_from_hf
+
+            load_state_dict_from_hf(path, model)
+    except (CheckpointError, ValueError, OSError, KeyError) as e:
+        raise StartupError(f"checkpoint.initial_load_path={src} ({fmt}): {e}") from e
+
+
+def clip_grad_norm(model, max_norm: float) -> torch.Tensor:
+    from rnd1.parallel.grad_norm import clip_grad_norm_
+
+    return clip_grad_norm_(list(model.parameters()), max_norm)
+
+
+# --------------------------------------------------------------------------- optimiser
+def build_optimizer_and_schedule(cfg, model, batch: BatchPlan):
+    from rnd1.optim import GroupSpec, TokenSchedule, build_optimizer, scale_lr
+
+    o, s = cfg.optimizer, cfg.lr_schedule
+    lr_attn, lr_rest = o.lr_attention, o.lr_non_attention
+    if s.scale_with_batch:
+        if s.base_batch_tokens <= 0:
+            raise StartupError("lr_schedule.scale_with_batch needs lr_schedule.base_batch_tokens > 0")
+        lr_attn = scale_lr(lr_attn, batch.global_batch_tokens, s.base_batch_tokens)
+        lr_rest = scale_lr(lr_rest, batch.global_batch_tokens, s.base_batch_tokens)
+    optimizer = build_optimizer(
+        model,
+        attention=GroupSpec(lr=lr_attn, weight_decay=o.weight_decay_attention),
+        non_attention=GroupSpec(lr=lr_rest, weight_decay=o.weight_decay_non_attention),
+        betas=(o.beta1, o.beta2), eps=o.eps, implementation=o.implementation,
+    )
+    warmup = s.warmup_tokens if s.warmup_tokens > 0 else int(s.warmup_fraction * batch.total_tokens)
+    schedule = TokenSchedule(warmup_tokens=warmup, total_tokens=batch.total_tokens, decay=s.decay_type,
+                             decay_fraction=s.decay_fraction, min_lr_ratio=s.min_lr_ratio)
+    return optimizer, schedule
+
+
+# --------------------------------------------------------------------------- export
+def export_hf(cfg, model, run_dir: Path) -> Path:
+    from rnd1.checkpoint.hf import save_pretrained
+
+    out = run_dir / "hf_export"
+    save_pretrained(model, out, extra_config={
+        "attention": "bidirectional" if cfg.objective.name != "ar" else "causal",
+        "diffusion_objective": cfg.objective.name,
+    }, format=cfg.checkpoint.export_hf_format)
+    return out

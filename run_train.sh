@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Launch training with torchrun, in torchtitan's manner.
+#
+#   ./run_train.sh                                   # default: train_configs/debug_model.toml, 1 process
+#   NPROC=2 ./run_train.sh                           # 2 processes (default config: debug_model_ep.toml, EP 2)
+#   CONFIG_FILE=train_configs/debug_ar.toml ./run_train.sh --training.steps=50
+#
+# Environment: CONFIG_FILE, NPROC (or NGPU) processes per node, and for several nodes NNODES,
+# NODE_RANK, MASTER_ADDR, MASTER_PORT (or RDZV_ENDPOINT for c10d rendezvous). Extra arguments are
+# passed to `python -m rnd1.train` as config overrides (--section.key=value).
+set -euo pipefail
+cd "$(dirname "$0")"
+
+NPROC=${NPROC:-${NGPU:-1}}
+if [[ -z "${CONFIG_FILE:-}" ]]; then
+  if [[ "$NPROC" -gt 1 ]]; then CONFIG_FILE=./train_configs/debug_model_ep.toml; else CONFIG_FILE=./train_configs/debug_model.toml; fi
+fi
+NNODES=${NNODES:-1}
+
+if [[ "$NNODES" -gt 1 ]]; then
+  RDZV_ENDPOINT=${RDZV_ENDPOINT:-${MASTER_ADDR:?set MASTER_ADDR or RDZV_ENDPOINT}:${MASTER_PORT:-29500}}
+  LAUNCH=(--nnodes="$NNODES" --rdzv_backend=c10d --rdzv_endpoint="$RDZV_ENDPOINT" --rdzv_id="${RDZV_ID:-rnd1}")
+else
+  LAUNCH=(--standalone --nnodes=1)
+fi
+
+# On CPU torchrun pins each process to one OpenMP thread when NPROC > 1; a single process keeps
+# every core.
+exec python -m torch.distributed.run "${LAUNCH[@]}" --nproc_per_node="$NPROC" \
+  -m rnd1.train --config "$CONFIG_FILE" "$@"
