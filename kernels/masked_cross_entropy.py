@@ -35,17 +35,18 @@ def _prepare(hidden, targets, weights, select, ignore_index):
 
 @torch.no_grad()
 def _fused_forward_reference(hidden, weight, targets, weights, chunk_tokens, need_grads):
-    """Returns (loss fp32 scalar, d_hidden [N, H] fp32 or None, d_weight [V, H] fp32 or None)."""
+    """Returns (loss scalar, d_hidden [N, H], d_weight [V, H]) accumulated in fp32 (fp64 for
+    fp64 inputs, which the tests use as an oracle)."""
+    acc = torch.promote_types(hidden.dtype, torch.float32)
     N = hidden.shape[0]
-    loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    dh = torch.empty(N, hidden.shape[1], dtype=torch.float32, device=hidden.device) if need_grads else None
-    dw = torch.zeros(weight.shape, dtype=torch.float32, device=hidden.device) if need_grads else None
-    w32 = weight if weight.dtype == torch.float32 else None
+    loss = torch.zeros((), dtype=acc, device=hidden.device)
+    dh = torch.empty(N, hidden.shape[1], dtype=acc, device=hidden.device) if need_grads else None
+    dw = torch.zeros(weight.shape, dtype=acc, device=hidden.device) if need_grads else None
     for s in range(0, N, chunk_tokens):
         h = hidden[s:s + chunk_tokens]
-        logits = (h @ weight.t()).float()  # [c, V]
+        logits = (h @ weight.t()).to(acc)  # [c, V]: the only logits block alive
         t = targets[s:s + chunk_tokens]
-        wt = weights[s:s + chunk_tokens].float()
+        wt = weights[s:s + chunk_tokens].to(acc)
         lse = torch.logsumexp(logits, dim=-1)
         loss += (wt * (lse - logits.gather(1, t[:, None]).squeeze(1))).sum()
         if need_grads:
@@ -53,9 +54,9 @@ def _fused_forward_reference(hidden, weight, targets, weights, chunk_tokens, nee
             logits.sub_(lse[:, None]).exp_()
             logits.scatter_add_(1, t[:, None], -torch.ones_like(wt)[:, None])
             logits.mul_(wt[:, None])
-            g = logits if hidden.dtype == torch.float32 else logits.to(hidden.dtype)
-            dh[s:s + chunk_tokens] = (g @ (w32 if w32 is not None else weight)).float()
-            dw.addmm_(g.t().float() if g.dtype != torch.float32 else g.t(), h.float())
+            g = logits.to(hidden.dtype)  # matmuls in the input dtype (bf16 on the fast path)
+            dh[s:s + chunk_tokens] = g @ weight
+            dw.addmm_(g.t().to(acc), h.to(acc))
     return loss, dh, dw
 
 
@@ -85,7 +86,7 @@ def masked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
                          weights: torch.Tensor, select: torch.Tensor | None = None, *,
                          chunk_tokens: int = DEFAULT_CHUNK_TOKENS, backend: str = "auto",
                          ignore_index: int = -100) -> torch.Tensor:
-    """Weighted CE sum (fp32 scalar) over selected rows of ``hidden`` [N, H] against ``weight``
+    """Weighted CE sum (fp32 scalar; fp64 for fp64 inputs) over selected rows of ``hidden`` [N, H] against ``weight``
     [V, H]; ``targets`` [N] int64, ``weights`` [N] (e.g. 1/t), ``select`` [N] bool or None."""
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"masked_cross_entropy: hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} "
@@ -103,6 +104,7 @@ def masked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
 def masked_cross_entropy_reference_full(hidden, weight, targets, weights, select=None, ignore_index=-100):
     """The naive definition (full fp32 logits): the oracle for tests and the benchmark baseline."""
     hidden, targets, weights, _ = _prepare(hidden, targets, weights, select, ignore_index)
-    logits = hidden.float() @ weight.float().t()
+    acc = torch.promote_types(hidden.dtype, torch.float32)
+    logits = hidden.to(acc) @ weight.to(acc).t()
     ce = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
-    return (ce * weights.float()).sum()
+    return (ce * weights.to(acc)).sum()

@@ -1,0 +1,66 @@
+"""Parameter groups (attention vs non-attention), frozen groups, token-space schedules."""
+
+import math
+
+import pytest
+import torch
+
+from rnd1.model.config import get_preset
+from rnd1.model.qwen3 import build_model
+from rnd1.optim import GroupSpec, TokenSchedule, build_optimizer, param_groups, scale_lr
+
+
+def test_groups_split_attention_from_everything_else():
+    model = build_model(get_preset("debug"), seed=0)
+    groups = {g["name"]: g for g in param_groups(model, attention=GroupSpec(3e-4, 0.1),
+                                                 non_attention=GroupSpec(1e-8, 0.1))}
+    names = {id(p): n for n, p in model.named_parameters()}
+    attn = {names[id(p)] for p in groups["attention"]["params"]}
+    rest = {names[id(p)] for p in groups["non_attention"]["params"]}
+    assert "layers.0.self_attn.q_proj.weight" in attn and "layers.0.self_attn.k_norm.weight" in attn
+    assert all(".self_attn." in n for n in attn)
+    for n in ("embed_tokens.weight", "norm.weight", "lm_head.weight", "layers.1.mlp.router.weight",
+              "layers.1.mlp.experts.gate_proj", "layers.0.input_layernorm.weight"):
+        assert n in rest
+    assert len(attn) + len(rest) == len(list(model.parameters()))
+    assert groups["attention"]["peak_lr"] == 3e-4 and groups["non_attention"]["peak_lr"] == 1e-8
+
+
+def test_tied_parameter_counted_once():
+    model = build_model(get_preset("debug_dense"), seed=0)
+    groups = param_groups(model, attention=GroupSpec(1e-3), non_attention=GroupSpec(1e-3))
+    n = sum(len(g["params"]) for g in groups)
+    assert n == len(list(model.parameters()))  # parameters() already deduplicates the tied head
+
+
+def test_zero_lr_group_is_frozen_and_allocates_no_state():
+    model = build_model(get_preset("debug"), seed=0)
+    opt = build_optimizer(model, attention=GroupSpec(1e-3, 0.1), non_attention=GroupSpec(0.0, 0.1))
+    model(torch.randint(0, 500, (2, 8))).sum().backward()
+    opt.step()
+    frozen = [p for n, p in model.named_parameters() if ".self_attn." not in n]
+    assert all(not p.requires_grad and p.grad is None for p in frozen)
+    assert all(id(p) not in {id(q) for q in opt.state} for p in frozen)
+    assert len(opt.state) == sum(1 for n, _ in model.named_parameters() if ".self_attn." in n)
+
+
+@pytest.mark.parametrize("decay,at,expect", [
+    ("constant", 150, 1.0), ("constant", 1000, 1.0), ("linear", 49, 50 / 101),
+    ("linear", 100, 1.0), ("linear", 550, 0.5), ("linear", 1000, 0.0),
+    ("cosine", 550, 0.5), ("cosine", 1000, 0.0),
+    ("wsd", 850, 1.0), ("wsd", 950, 0.5), ("wsd", 1000, 0.0),
+])
+def test_schedule_values(decay, at, expect):
+    s = TokenSchedule(warmup_tokens=100, total_tokens=1000, decay=decay, decay_fraction=0.1)
+    assert s.factor(at) == pytest.approx(expect, abs=1e-9)
+
+
+def test_warmup_is_linear_in_tokens():
+    s = TokenSchedule(warmup_tokens=99, total_tokens=1000)
+    assert s.factor(0) == pytest.approx(0.01) and s.factor(49) == pytest.approx(0.5) and s.factor(99) == 1.0
+
+
+def test_sqrt_batch_scaling():
+    assert scale_lr(3e-4, 4_000_000, 1_000_000) == pytest.approx(6e-4)
+    assert scale_lr(3e-4, 250_000, 1_000_000) == pytest.approx(1.5e-4)
+    assert math.isclose(scale_lr(1.0, 2, 1), math.sqrt(2))
