@@ -286,9 +286,12 @@ def _ranks_from_vocab(vocab, where: str) -> dict[bytes, int]:
 
 
 def _merges_txt(path: Path) -> Iterator[tuple[str, list[str]]]:
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.rstrip("\r\n")
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError:
+                raise TokenizerError(f"{path}:{lineno}: not UTF-8 text") from None
             if line and not (lineno == 1 and line.startswith("#version")):
                 yield f"{path}:{lineno}", line.split(" ")
 
@@ -367,25 +370,28 @@ def _from_tokenizer_json(path: Path) -> tuple[dict[bytes, int], dict[str, int], 
     if model.get("byte_fallback") or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
         raise TokenizerError(f"{path}: byte_fallback / subword prefix or suffix are not byte-level BPE")
     normalizer = tj.get("normalizer")
-    if normalizer is not None and normalizer.get("type") != "NFC":
-        raise TokenizerError(f"{path}: normalizer {normalizer.get('type')!r}; only NFC is supported")
+    if normalizer is not None and (not isinstance(normalizer, dict) or normalizer.get("type") != "NFC"):
+        got = normalizer.get("type") if isinstance(normalizer, dict) else normalizer
+        raise TokenizerError(f"{path}: normalizer {got!r}; only NFC is supported")
     ranks = _ranks_from_vocab(model["vocab"], f"{path}: model.vocab")
     _check_merges(_merges_json(model.get("merges", []), str(path)), ranks)
     return ranks, _added_tokens(path.parent, tj), _split_pattern(tj, path)
 
 
 def _split_pattern(tj: dict, path: Path) -> str:
-    """The regex of the (first) Split pre-tokenizer; Qwen's when the file has none."""
+    """The regex of the Split pre-tokenizer, which tiktoken applies in its place. A ByteLevel step
+    that splits with its own (GPT-2) regex, or no Split at all, is a different tokenizer."""
     pre = tj.get("pre_tokenizer") or {}
-    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
-    for step in steps:
-        if isinstance(step, dict) and step.get("type") == "Split":
-            pattern = (step.get("pattern") or {}).get("Regex")
-            if not isinstance(pattern, str) or step.get("invert") or step.get("behavior") != "Isolated":
-                raise TokenizerError(f"{path}: pre_tokenizer Split must be an isolated, non-inverted "
-                                     f"Regex split; got {step!r}"[:300])
-            return pattern
-    return QWEN_PATTERN
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    if any(isinstance(st, dict) and st.get("type") == "ByteLevel" and st.get("use_regex") for st in steps):
+        raise TokenizerError(f"{path}: pre_tokenizer ByteLevel has use_regex=true (GPT-2 style); "
+                             f"expected a Qwen-style Split regex with use_regex=false")
+    splits = [st for st in steps if isinstance(st, dict) and st.get("type") == "Split"]
+    pattern = (splits[0].get("pattern") or {}).get("Regex") if len(splits) == 1 else None
+    if not isinstance(pattern, str) or splits[0].get("invert") or splits[0].get("behavior") != "Isolated":
+        raise TokenizerError(f"{path}: expected one isolated, non-inverted Split pre-tokenizer with a "
+                             f"Regex; got {json.dumps(pre)[:200]}")
+    return pattern
 
 
 def load_tokenizer(path: str | Path | None, *, mask_id: int | None = None, mask_token: str = MASK_TOKEN,

@@ -212,6 +212,10 @@ def test_errors_name_the_file_and_line(tmp_path):
     with pytest.raises(TokenizerError, match=r"m3/merges.txt:3: merge 'a b' yields id 256, not above the "
                                              r"previous merge's id 257"):
         load_tokenizer(d)
+    d = _tiny_folder(tmp_path / "m5")
+    (d / "merges.txt").write_bytes(b"#version: 0.2\na b\n\xff c\n")
+    with pytest.raises(TokenizerError, match=r"m5/merges.txt:3: not UTF-8 text"):
+        load_tokenizer(d)
     d = _tiny_folder(tmp_path / "m4", extra_vocab={"xy": 100})
     with pytest.raises(TokenizerError, match=r"m4/vocab.json: two tokens share an id"):
         load_tokenizer(d)
@@ -280,3 +284,17 @@ def test_tiny_tokenizer_json_matches_huggingface(tmp_path):
     (d / "tokenizer.json").write_text(json.dumps(tj), encoding="utf-8")
     with pytest.raises(TokenizerError, match=r"tokenizer.json: normalizer 'NFKC'; only NFC is supported"):
         load_tokenizer(d)
+
+
+def test_tokenizer_json_without_a_qwen_split_regex_is_refused(tmp_path):
+    vocab = json.loads(_tiny_folder(tmp_path / "t").joinpath("vocab.json").read_text())
+    tj = {"model": {"type": "BPE", "vocab": vocab, "merges": ["a b"]},
+          "added_tokens": [{"id": 258, "content": "<|endoftext|>"}],
+          "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}}
+    (tmp_path / "t" / "tokenizer.json").write_text(json.dumps(tj))
+    with pytest.raises(TokenizerError, match="ByteLevel has use_regex=true"):
+        load_tokenizer(tmp_path / "t")
+    tj["pre_tokenizer"] = None
+    (tmp_path / "t" / "tokenizer.json").write_text(json.dumps(tj))
+    with pytest.raises(TokenizerError, match="expected one isolated, non-inverted Split pre-tokenizer"):
+        load_tokenizer(tmp_path / "t")
