@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 
-def measure_matmul_peak(dtype: torch.dtype = torch.float32, n: int = 1024, reps: int = 5,
+def measure_matmul_peak(dtype: torch.dtype = torch.float32, n: int = 2048, reps: int = 5,
                         device: str | torch.device = "cpu") -> float:
     """Best FLOP/s of an n x n x n matmul over a few repetitions (after one warm-up)."""
     a = torch.randn(n, n, device=device).to(dtype)

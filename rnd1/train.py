@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from rnd1.checkpoint.dcp import CheckpointManager
 from rnd1.config import ConfigError, JobConfig, parse_args, validate
-from rnd1.diffusion.corruption import corrupt
+from rnd1.diffusion.corruption import corrupt_rows
 from rnd1.diffusion.loss import objective_loss
 from rnd1.diffusion.objectives import build_targets
 from rnd1.metrics import MetricsLogger, Throughput, measure_matmul_peak, peak_memory_bytes, router_balance
@@ -128,13 +128,13 @@ class Trainer:
         """Corrupt every micro-batch of the step first: the loss divides by the number of target
         positions in the global batch, which must be known before the first backward."""
         obj = self.cfg.objective
+        per_step = self.batch.global_batch_tokens // self.batch.seq_len
         out = []
-        for micro, batch in enumerate(batches):
-            gen = torch.Generator().manual_seed(
-                B.step_seed(self.cfg.training.seed, self.step, self.parallel.dp_rank, micro))
+        for batch in batches:
             x0 = batch["input_ids"]
-            c = corrupt(x0, obj.name, self.model_cfg.mask_token_id, eps=obj.eps, generator=gen,
-                        low_discrepancy=obj.low_discrepancy)
+            c = corrupt_rows(x0, obj.name, self.model_cfg.mask_token_id, seed=self.cfg.training.seed,
+                             sample_ids=batch["sample_ids"], samples_per_step=per_step, eps=obj.eps,
+                             low_discrepancy=obj.low_discrepancy)
             targets = build_targets(obj.name, x0, c.x_t, c.masked, c.t)
             out.append((batch, c, targets))
         local = torch.tensor([float(t.num_targets) for _, _, t in out]).sum()
@@ -192,9 +192,8 @@ class Trainer:
             batch = next(loader)
             x0 = batch["input_ids"]
             for j, t in enumerate(grid):
-                gen = torch.Generator().manual_seed(B.step_seed(cfg.eval.val_seed, i, self.parallel.dp_rank, j))
-                c = corrupt(x0, cfg.objective.name, self.model_cfg.mask_token_id, eps=cfg.objective.eps,
-                            generator=gen, t=torch.full((x0.shape[0],), float(t)))
+                c = corrupt_rows(x0, cfg.objective.name, self.model_cfg.mask_token_id, seed=cfg.eval.val_seed + j,
+                                 sample_ids=batch["sample_ids"], samples_per_step=1, fixed_t=t)
                 targets = build_targets(cfg.objective.name, x0, c.x_t, c.masked, c.t).to(self.env.device)
                 n = self.parallel.all_reduce_dp(targets.num_targets.float().to(self.env.device))
                 with self._autocast():

@@ -61,7 +61,7 @@ class PackedLoader:
         self.probs = np.asarray(weights, dtype=np.float64) / sum(weights)
         self.sources = [_Source(s, seq_len, eos_id, seed, i, dp_rank, dp_world_size) for i, s in enumerate(splits)]
         self.seq_len, self.batch_size, self.eos_id = seq_len, batch_size, eos_id
-        self.seed, self.rank = seed, dp_rank
+        self.seed, self.rank, self.world = seed, dp_rank, dp_world_size
         self.samples = 0  # sequences produced by this rank
         self.tokens_per_source = [0] * len(splits)
 
@@ -76,13 +76,17 @@ class PackedLoader:
 
     def __next__(self) -> dict[str, torch.Tensor]:
         rows = []
+        # global sample index: the position of this sequence in the rank-interleaved stream
+        # (rank r's s-th sequence is global sample s * world + r), independent of the layout
+        first = self.samples
+        sample_ids = torch.arange(first, first + self.batch_size) * self.world + self.rank
         for _ in range(self.batch_size):
             k = self._pick_source()
             rows.append(self.sources[k].next_window())
             self.tokens_per_source[k] += self.seq_len
             self.samples += 1
         ids = torch.from_numpy(np.stack(rows).astype(np.int64))
-        return {"input_ids": ids, "doc_ids": document_ids(ids, self.eos_id)}
+        return {"input_ids": ids, "doc_ids": document_ids(ids, self.eos_id), "sample_ids": sample_ids}
 
     def state_dict(self) -> dict:
         return {"samples": self.samples, "tokens_per_source": list(self.tokens_per_source),

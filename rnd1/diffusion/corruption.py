@@ -62,3 +62,44 @@ def corrupt(x0: torch.Tensor, objective: str, mask_id: int, *, eps: float = 1e-3
         protect |= never_mask
     x_t, masked = mask_tokens(x0, t, mask_id, generator=generator, never_mask=protect)
     return Corruption(x_t, masked, t.float())
+
+
+def _row_generator(seed: int, key: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 0x9E3779B1 + key * 0x85EBCA77 + 0x632BE5AB) % (2**63 - 1))
+
+
+def corrupt_rows(x0: torch.Tensor, objective: str, mask_id: int, *, seed: int, sample_ids: torch.Tensor,
+                 samples_per_step: int, eps: float = 1e-3, low_discrepancy: bool = False,
+                 fixed_t: float | None = None) -> Corruption:
+    """``corrupt`` with noise keyed by each sequence's global sample index, not by where the
+    sequence happens to be processed: the same sample gets the same t and mask whatever the
+    number of ranks or gradient-accumulation steps, and after a resume (no RNG state needed).
+
+    ``low_discrepancy`` stratifies t over the global batch of ``samples_per_step`` sequences:
+    t_g = eps + (1 - eps) * ((u_step + (g mod G) / G) mod 1), u_step drawn per step.
+    ``fixed_t`` gives every row that noise level (validation on a fixed grid)."""
+    B, _ = x0.shape
+    if objective == "ar":
+        return corrupt(x0, "ar", mask_id)
+    ts, masks = [], []
+    for b, g in enumerate(sample_ids.tolist()):
+        gen = _row_generator(seed, g)
+        if fixed_t is not None:
+            t = torch.tensor([float(fixed_t)])
+        elif low_discrepancy:
+            step, pos = divmod(g, samples_per_step)
+            u = torch.rand((), generator=_row_generator(seed, -1 - step)).item()
+            r = (u + pos / samples_per_step) % 1.0
+            t = torch.tensor([eps + (1.0 - eps) * r])
+        else:
+            t = sample_t(1, eps=eps, generator=gen)
+        ts.append(t)
+        masks.append(torch.rand(x0.shape[1], generator=gen))
+    t = torch.cat(ts).float()
+    u = torch.stack(masks).to(x0.device)
+    masked = u < t.to(x0.device)[:, None]
+    if objective == "a2d":
+        masked[:, 0] = False
+    elif objective != "mdlm":
+        raise ValueError(f"objective {objective!r} unknown; expected 'ar', 'mdlm' or 'a2d'")
+    return Corruption(torch.where(masked, torch.full_like(x0, mask_id), x0), masked, t)

@@ -32,14 +32,43 @@ def get_grouped_mm_backend() -> str:
     return _BACKEND
 
 
+class _LoopGroupedMM(torch.autograd.Function):
+    """One autograd node whatever the group sizes: the backward graph is then the same on every
+    rank, which keeps the order of collectives identical across ranks under expert parallelism
+    (a per-group Python graph that skips empty experts would not be)."""
+
+    @staticmethod
+    def forward(ctx, x, w, offs):
+        ends = offs.tolist()
+        out = x.new_zeros(x.shape[0], w.shape[-1])
+        start = 0
+        for g, end in enumerate(ends):
+            if end > start:
+                torch.mm(x[start:end], w[g], out=out[start:end])
+            start = end
+        ctx.save_for_backward(x, w)
+        ctx.ends = ends
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w = ctx.saved_tensors
+        grad = grad.contiguous()
+        dx = torch.zeros_like(x) if ctx.needs_input_grad[0] else None
+        dw = torch.zeros_like(w) if ctx.needs_input_grad[1] else None  # empty experts: exactly 0
+        start = 0
+        for g, end in enumerate(ctx.ends):
+            if end > start:
+                if dx is not None:
+                    torch.mm(grad[start:end], w[g].t(), out=dx[start:end])
+                if dw is not None:
+                    dw[g] = x[start:end].t() @ grad[start:end]
+            start = end
+        return dx, dw, None
+
+
 def loop_grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    out = x.new_zeros(x.shape[0], w.shape[-1])
-    start = 0
-    for g, end in enumerate(offs.tolist()):
-        if end > start:
-            out[start:end] = x[start:end] @ w[g]
-        start = end
-    return out
+    return _LoopGroupedMM.apply(x, w, offs)
 
 
 def _torch_grouped_mm(x, w, offs):

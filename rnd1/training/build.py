@@ -27,8 +27,9 @@ class StartupError(RuntimeError):
 def build_tokenizer(cfg):
     from rnd1.data.tokenizer import load_tokenizer
 
+    mask_id = cfg.model.mask_token_id if cfg.model.mask_token_id >= 0 else None
     try:
-        return load_tokenizer(cfg.model.tokenizer_path)
+        return load_tokenizer(cfg.model.tokenizer_path, mask_id=mask_id)
     except (OSError, ValueError) as e:
         raise StartupError(f"model.tokenizer_path={cfg.model.tokenizer_path!r}: {e}") from e
 
@@ -43,8 +44,7 @@ def build_model_config(cfg, tokenizer) -> ModelConfig:
             mcfg = ModelConfig.from_hf_config(json.loads(path.read_text()))
         else:
             mcfg = get_preset(cfg.model.name)
-        mask_id = cfg.model.mask_token_id if cfg.model.mask_token_id >= 0 else tokenizer.mask_id
-        mcfg = mcfg.replace(mask_token_id=mask_id)
+        mcfg = mcfg.replace(mask_token_id=tokenizer.mask_id)  # the tokenizer reserved it (model.mask_token_id)
     except ModelConfigError as e:
         raise StartupError(str(e)) from e
     if tokenizer.vocab_size > mcfg.vocab_size:
@@ -130,12 +130,6 @@ def batch_plan(cfg, dims: ParallelDims) -> BatchPlan:
     else:
         steps = t.steps
     return BatchPlan(t.local_batch_size, t.seq_len, gbt // per_micro, gbt, steps, steps * gbt)
-
-
-def step_seed(seed: int, step: int, rank: int, micro: int) -> int:
-    """A distinct, reproducible seed per (run seed, step, rank, micro-batch): masking noise then
-    needs no RNG state in the checkpoint, and a resumed run draws exactly the same masks."""
-    return (seed * 1_000_003 + step * 10_007 + rank * 101 + micro) % (2**63 - 1)
 
 
 def aux_loss_coef(cfg, mcfg: ModelConfig) -> float:
