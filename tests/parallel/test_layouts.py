@@ -16,6 +16,9 @@ CASES = [
     (2, 2, "selective", 0, "debug"),
     (4, 2, "selective", 0, "debug"),
     (2, 1, "none", 0, "debug_dense"),  # dense model, tied embeddings under FSDP
+    (2, 1, "none", 1, "debug"),  # torch.compile per block (fullgraph) under FSDP
+    (2, 1, "selective", 1, "debug"),  # compiled blocks with selective recompute
+    (2, 2, "none", 2, "debug"),  # compile with EP 2 (fullgraph=False: the all-to-all splits graph-break)
 ]
 
 

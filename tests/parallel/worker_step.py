@@ -20,12 +20,12 @@ warnings.simplefilter("ignore")
 
 
 def main():
-    ep, ac, compile_, preset = int(sys.argv[1]), sys.argv[2], sys.argv[3] == "1", sys.argv[4]
+    ep, ac, compile_mode, preset = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]
     env = init_distributed("cpu")
     cfg = NS(
         parallelism=NS(tensor_parallel_degree=1, data_parallel_replicate_degree=1, data_parallel_shard_degree=-1,
                        expert_parallel_degree=ep, fsdp_reshard_after_forward="default"),
-        activation_checkpoint=NS(mode=ac), compile=NS(enable=compile_, backend="inductor", fullgraph=True),
+        activation_checkpoint=NS(mode=ac), compile=NS(enable=compile_mode > 0, backend="inductor", fullgraph=compile_mode == 1),
         training=NS(mixed_precision_param="float32"),
     )
     dims = build_parallel_dims(cfg.parallelism, env)
