@@ -108,7 +108,9 @@ class MetricsLogger:
             return
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        self._file = open(folder / "metrics.jsonl", "a", buffering=1)
+        path = folder / "metrics.jsonl"
+        _drop_partial_last_line(path)
+        self._file = open(path, "a", buffering=1)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -141,6 +143,16 @@ class MetricsLogger:
             self._file.close()
         if self._tb:
             self._tb.close()
+
+
+def _drop_partial_last_line(path: Path) -> None:
+    """A run killed mid-write leaves a line without its newline: cut it before appending."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with open(path, "rb+") as f:
+        data = f.read()
+        if not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)
 
 
 def _plain(v):
