@@ -1,0 +1,233 @@
+#!/usr/bin/env python
+"""Time this project's real training step (forward, loss, backward, AdamW) and, with --vs-hf,
+the same architecture and weights in transformers, in turn, in the same process.
+
+    python scripts/bench_train_step.py                          # the issue's config, ar, bf16
+    python scripts/bench_train_step.py --objective a2d --vs-hf
+    python scripts/bench_train_step.py --hidden 512 --seq 2048 --batch 1
+    python scripts/bench_train_step.py --table                  # Table 4.2-style sweep
+
+Prints tokens/s, step ms, TFLOP/s, MFU against a bf16/fp32 matmul peak measured in the same run,
+and peak memory (resident-set growth of the step, measured in a fresh subprocess per variant so
+earlier variants do not pollute it)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from rnd1.metrics import measure_matmul_peak
+
+
+def model_config(a):
+    from rnd1.model.config import ModelConfig
+
+    return ModelConfig(vocab_size=a.vocab, hidden_size=a.hidden, num_hidden_layers=a.layers,
+                       num_attention_heads=a.heads, num_key_value_heads=a.kv_heads, head_dim=a.head_dim,
+                       intermediate_size=a.moe_inter * 2, moe_intermediate_size=a.moe_inter, num_experts=a.experts,
+                       num_experts_per_tok=a.topk, norm_topk_prob=True, rope_theta=1e6,
+                       max_position_embeddings=max(4096, a.seq), mask_token_id=a.vocab - 1)
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def build_rnd1(a, mcfg):
+    from rnd1.model.grouped_mm import set_grouped_mm_backend
+    from rnd1.model.qwen3 import build_model
+    from rnd1.parallel.activation_checkpoint import apply_activation_checkpointing
+    from rnd1.parallel.compile import apply_compile
+
+    set_grouped_mm_backend(a.grouped_mm)
+    model = build_model(mcfg, seed=0, attention_mode="causal" if a.objective == "ar" else "bidirectional",
+                        dtype=torch.bfloat16 if a.dtype == "bf16-params" else torch.float32)
+    apply_activation_checkpointing(model, a.ac)
+    if a.compile:
+        apply_compile(model, fullgraph=True)
+    return model
+
+
+def rnd1_step_fn(a, model, mcfg):
+    from rnd1.diffusion.corruption import corrupt
+    from rnd1.diffusion.loss import objective_loss
+    from rnd1.diffusion.objectives import build_targets
+
+    opt = torch.optim.AdamW([p for p in model.parameters()], lr=1e-4, foreach=True)
+    autocast = a.dtype == "bf16"
+    gen = torch.Generator().manual_seed(0)
+
+    def step(x0):
+        c = corrupt(x0, a.objective, mcfg.mask_token_id, generator=gen)
+        tg = build_targets(a.objective, x0, c.x_t, c.masked, c.t)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            h = model(c.x_t, return_hidden=True)
+            loss = objective_loss(h, model.lm_head.weight, tg, tg.num_targets).loss
+            if mcfg.is_moe:
+                loss = loss + 0.001 * model.moe_aux_loss()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
+def hf_step_fn(a, rnd1_model, mcfg):
+    """transformers' Qwen3MoeForCausalLM with the same weights, next-token CE via labels."""
+    from rnd1.checkpoint.hf import save_pretrained
+    import tempfile
+    from transformers import AutoModelForCausalLM
+
+    with tempfile.TemporaryDirectory() as d:
+        save_pretrained(rnd1_model, d)
+        hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, attn_implementation="sdpa")
+    hf.train()
+    if a.compile:
+        hf = torch.compile(hf)
+    opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, foreach=True)
+    autocast = a.dtype == "bf16"
+
+    def step(x0):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = hf(input_ids=x0, labels=x0).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
+def time_steps(step, a, mcfg):
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, a.vocab - 1, (a.batch, a.seq), generator=g) for _ in range(a.warmup + a.steps)]
+    base = rss_bytes()
+    peak = base
+    times = []
+    for i, x in enumerate(batches):
+        t0 = time.perf_counter()
+        step(x)
+        dt = time.perf_counter() - t0
+        peak = max(peak, rss_bytes())
+        if i >= a.warmup:
+            times.append(dt)
+    med = statistics.median(times)
+    tokens = a.batch * a.seq
+    flops = mcfg.flops_per_token(a.seq) * tokens / med
+    return {"tokens_per_s": tokens / med, "step_ms": med * 1e3, "tflops": flops / 1e12,
+            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            "step_rss_growth_gib": (peak - base) / 2**30}
+
+
+def run_variant(a) -> dict:
+    torch.manual_seed(0)
+    mcfg = model_config(a)
+    model = build_rnd1(a, mcfg)
+    if a.impl == "hf":
+        step = hf_step_fn(a, model, mcfg)
+        del model
+    else:
+        step = rnd1_step_fn(a, model, mcfg)
+    res = time_steps(step, a, mcfg)
+    res.update(impl=a.impl, objective=a.objective, dtype=a.dtype, compile=a.compile, ac=a.ac,
+               grouped_mm=a.grouped_mm)
+    return res
+
+
+def parse(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--kv-heads", type=int, default=2)
+    ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--experts", type=int, default=16)
+    ap.add_argument("--topk", type=int, default=4)
+    ap.add_argument("--moe-inter", type=int, default=256)
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--objective", choices=["ar", "a2d", "mdlm"], default="ar")
+    ap.add_argument("--dtype", choices=["fp32", "bf16", "bf16-params"], default="bf16",
+                    help="bf16: fp32 params + bf16 autocast; bf16-params: bf16 parameters")
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--ac", choices=["none", "full", "selective"], default="none")
+    ap.add_argument("--grouped-mm", default="auto", help="expert matmul backend: auto, loop, torch, kernels")
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--impl", choices=["rnd1", "hf"], default="rnd1")
+    ap.add_argument("--vs-hf", action="store_true", help="also time transformers with the same weights")
+    ap.add_argument("--table", action="store_true", help="sweep options, print a Table 4.2-style table")
+    ap.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
+    return ap.parse_args(argv)
+
+
+def subprocess_variant(a, **changes) -> dict:
+    """Run one variant in a fresh process (clean memory high-water mark)."""
+    args = [sys.executable, os.path.abspath(__file__), "--json"]
+    for k, v in {**vars(a), **changes}.items():
+        if k in ("vs_hf", "table", "json"):
+            continue
+        flag = "--" + k.replace("_", "-")
+        if isinstance(v, bool):
+            if v:
+                args.append(flag)
+        else:
+            args += [flag, str(v)]
+    out = subprocess.run(args, capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(out.stderr[-3000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    a = parse(argv)
+    if a.json:
+        print(json.dumps(run_variant(a)))
+        return 0
+    peak_bf16 = measure_matmul_peak(torch.bfloat16, n=2048)
+    peak_fp32 = measure_matmul_peak(torch.float32, n=2048)
+    mcfg = model_config(a)
+    pc = mcfg.param_counts()
+    print(f"model: {pc['total'] / 1e6:.1f}M params, {mcfg.flops_per_token(a.seq) / 1e6:.1f} MFLOP/token; "
+          f"seq {a.seq} x batch {a.batch}; matmul peak measured now: bf16 {peak_bf16 / 1e9:.0f} GFLOP/s, "
+          f"fp32 {peak_fp32 / 1e9:.0f} GFLOP/s")
+    variants = [{}]
+    if a.vs_hf:
+        variants.append({"impl": "hf"})
+    if a.table:
+        variants = [{"objective": o, "ac": ac, "compile": c}
+                    for o in ("ar", "a2d") for ac in ("none", "selective") for c in (False, True)]
+    rows = []
+    for ch in variants:
+        r = subprocess_variant(a, **ch)
+        peak = peak_fp32 if r["dtype"] == "fp32" else peak_bf16
+        r["mfu"] = r["tflops"] * 1e12 / peak
+        rows.append(r)
+        print(f"{r['impl']:>5} {r['objective']:>4} {r['dtype']:>11} compile={str(r['compile']):5} ac={r['ac']:9} "
+              f"{r['tokens_per_s']:9,.0f} tok/s  {r['step_ms']:7.1f} ms  {r['tflops'] * 1e3:6.1f} GFLOP/s  "
+              f"MFU {r['mfu']:5.1%}  peak RSS {r['peak_rss_gib']:.2f} GiB", flush=True)
+    if a.vs_hf and not a.table:
+        print(f"speed-up vs transformers: {rows[0]['tokens_per_s'] / rows[1]['tokens_per_s']:.2f}x")
+    if a.table:
+        print("\n| WS | TP | PP | EP | DP | MBS | GBS | Seq | GAS | dispatcher | recompute | objective | compile "
+              "| TFLOP/s | memory (GiB) |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| 1 | 1 | 1 | 1 | 1 | {a.batch} | {a.batch} | {a.seq} | 1 | local sort ({r['grouped_mm']}) | "
+                  f"{r['ac']} | {r['objective']} | {r['compile']} | {r['tflops']:.3f} | {r['peak_rss_gib']:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
