@@ -1,0 +1,213 @@
+"""Sampling from a masked diffusion LM (and greedy decoding for AR checkpoints).
+
+Generation starts from the prompt followed by ``gen_length`` mask tokens and, over ``steps``
+forward passes, commits predictions into masked positions until none is left:
+
+- semi-autoregressive blocks: the masked region is filled block by block (``block_length``),
+  ``steps`` split evenly over the blocks;
+- which positions to commit at a step: the highest ``confidence`` (probability of the sampled
+  token), ``margin`` (top-1 minus top-2 probability), lowest ``entropy``, or ``random``;
+- how many: a fixed number per step (the block's masked positions spread evenly over its
+  steps), or with ``threshold`` every position whose confidence exceeds it (at least one:
+  parallel decoding);
+- ``strategy="rnd1"``: RND1's released rule, a linear schedule of how many positions stay
+  masked, keeping the highest-entropy predictions masked;
+- infilling: a ``suffix`` after the masked region is kept fixed;
+- temperature / top-k / top-p sampling (temperature 0 is greedy), stop at EOS, batched prompts of
+  different lengths, a ``torch.Generator`` for reproducibility.
+
+A2D models are read through their shift: the prediction for position j comes from the output at
+j-1 (the AR head's next-token meaning). Ragged batches are left-padded; padding positions form a
+separate "document" (``doc_ids``) so no real token attends to them, and positions restart at 0
+after the padding, so a row computes exactly what it would alone.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+STRATEGIES = ("confidence", "margin", "entropy", "random", "rnd1")
+
+
+@dataclass
+class GenerationOutput:
+    tokens: list[list[int]]  # generated tokens per row (the masked region, EOS-truncated)
+    sequences: torch.Tensor  # [B, L] full padded sequences (prompt + generated + suffix)
+    nfe: int  # forward passes
+    seconds: float
+    commit_order: list[list[int]] = field(default_factory=list)  # per row: region offsets in commit order
+
+    @property
+    def tokens_per_s(self) -> float:
+        return sum(len(t) for t in self.tokens) / max(self.seconds, 1e-9)
+
+
+def _filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    logits = logits.float()
+    if temperature > 0:
+        logits = logits / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix reaching top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
+    return logits
+
+
+def _layout(prompts, suffixes, gen_length, mask_id, pad_id):
+    """Left-padded [B, L] ids, the doc ids isolating padding, positions, and the region start."""
+    suffixes = suffixes or [[] for _ in prompts]
+    lens = [len(p) + gen_length + len(s) for p, s in zip(prompts, suffixes)]
+    L = max(lens)
+    B = len(prompts)
+    x = torch.full((B, L), pad_id, dtype=torch.long)
+    real = torch.zeros(B, L, dtype=torch.bool)
+    region_start = []
+    for b, (p, s) in enumerate(zip(prompts, suffixes)):
+        off = L - lens[b]
+        row = list(p) + [mask_id] * gen_length + list(s)
+        x[b, off:] = torch.tensor(row, dtype=torch.long)
+        real[b, off:] = True
+        region_start.append(off + len(p))
+    doc_ids = real.to(torch.int32)  # padding = document 0, the row = document 1
+    positions = (real.long().cumsum(1) - 1).clamp_min(0)
+    return x, doc_ids, positions, region_start
+
+
+@torch.no_grad()
+def diffusion_generate(model, prompts: list[list[int]], *, gen_length: int, steps: int, mask_id: int,
+                       objective: str = "a2d", block_length: int | None = None, strategy: str = "confidence",
+                       threshold: float | None = None, temperature: float = 0.0, top_k: int = 0,
+                       top_p: float = 1.0, eos_id: int | None = None, suffixes: list[list[int]] | None = None,
+                       generator: torch.Generator | None = None, pad_id: int | None = None) -> GenerationOutput:
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy {strategy!r} unknown; expected one of {STRATEGIES}")
+    if objective not in ("a2d", "mdlm"):
+        raise ValueError(f"objective {objective!r}: diffusion sampling needs 'a2d' or 'mdlm'")
+    if objective == "a2d" and any(len(p) == 0 for p in prompts):
+        raise ValueError("a2d sampling needs a non-empty prompt (position 0 has no prediction)")
+    block_length = block_length or gen_length
+    n_blocks = math.ceil(gen_length / block_length)
+    if steps < n_blocks:
+        raise ValueError(f"steps ({steps}) must be >= the number of blocks ({n_blocks})")
+    device = next(model.parameters()).device if any(True for _ in model.parameters()) else torch.device("cpu")
+    pad_id = eos_id if pad_id is None and eos_id is not None else (pad_id or 0)
+    x, doc_ids, positions, starts = _layout(prompts, suffixes, gen_length, mask_id, pad_id)
+    x, doc_ids, positions = x.to(device), doc_ids.to(device), positions.to(device)
+    B, L = x.shape
+    offsets = torch.arange(gen_length, device=device)
+    region = torch.tensor(starts, device=device)[:, None] + offsets  # [B, G] absolute positions
+    rows = torch.arange(B, device=device)[:, None]
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    order: list[list[int]] = [[] for _ in range(B)]
+    nfe, t0 = 0, time.perf_counter()
+    steps_left = steps
+    for blk in range(n_blocks):
+        lo, hi = blk * block_length, min((blk + 1) * block_length, gen_length)
+        blk_steps = steps_left // (n_blocks - blk)
+        steps_left -= blk_steps
+        n_block = hi - lo
+        for s in range(blk_steps):
+            pos = region[:, lo:hi]
+            still = (x[rows, pos] == mask_id) & ~done[:, None]
+            if not still.any():
+                break
+            logits = model(x, doc_ids=doc_ids, positions=positions)
+            nfe += 1
+            read = pos - 1 if objective == "a2d" else pos
+            lg = _filter_logits(logits[rows, read], temperature, top_k, top_p)  # [B, n, V]
+            probs = torch.softmax(lg, dim=-1)
+            if temperature > 0:
+                flat = torch.multinomial(probs.view(-1, probs.shape[-1]), 1, generator=generator)
+                pred = flat.view(B, -1)
+            else:
+                pred = probs.argmax(-1)
+            conf = probs.gather(-1, pred[..., None]).squeeze(-1)
+            if strategy in ("confidence",):
+                score = conf
+            elif strategy == "margin":
+                top2 = torch.topk(probs, 2, dim=-1).values
+                score = top2[..., 0] - top2[..., 1]
+            elif strategy in ("entropy", "rnd1"):
+                score = (probs * torch.log(probs.clamp_min(1e-30))).sum(-1)  # -entropy
+            else:
+                score = torch.rand(conf.shape, generator=generator).to(device)
+            score = score.masked_fill(~still, float("-inf"))
+            n_still = still.sum(1)
+            if threshold is not None:
+                pick = (conf > threshold) & still
+                best = score.argmax(1)
+                pick[torch.arange(B), best] |= n_still > 0  # at least one per step
+            else:
+                if strategy == "rnd1":  # linear schedule of positions that stay masked
+                    keep = torch.tensor(int(n_block * (1 - (s + 1) / blk_steps)), device=device)
+                    k = (n_still - keep).clamp_min(0)
+                else:
+                    k = torch.ceil(n_still.float() / (blk_steps - s)).long()
+                if s == blk_steps - 1:
+                    k = n_still
+                ranked = torch.argsort(score, dim=1, descending=True)
+                rank_of = torch.empty_like(ranked).scatter_(1, ranked, torch.arange(ranked.shape[1], device=device)
+                                                           .expand_as(ranked))
+                pick = (rank_of < k[:, None]) & still
+            for b in range(B):
+                for j in torch.nonzero(pick[b]).flatten().tolist():
+                    order[b].append(lo + j)
+            x[rows, pos] = torch.where(pick, pred, x[rows, pos])
+            if eos_id is not None:
+                _stop_at_eos(x, region, mask_id, eos_id, done)
+    seconds = time.perf_counter() - t0
+    tokens = []
+    for b in range(B):
+        gen = x[b, region[b]].tolist()
+        if eos_id is not None and eos_id in gen:
+            gen = gen[:gen.index(eos_id) + 1]
+        tokens.append(gen)
+    return GenerationOutput(tokens, x.cpu(), nfe, seconds, order)
+
+
+def _stop_at_eos(x, region, mask_id, eos_id, done):
+    """A row whose generated region contains EOS with no mask before it is finished: every later
+    position becomes EOS and the row takes no more commits."""
+    vals = x.gather(1, region)
+    for b in range(x.shape[0]):
+        if done[b]:
+            continue
+        row = vals[b].tolist()
+        if eos_id in row:
+            first = row.index(eos_id)
+            if mask_id not in row[:first]:
+                x[b, region[b, first:]] = eos_id
+                done[b] = True
+
+
+@torch.no_grad()
+def ar_generate(model, prompts: list[list[int]], *, max_new_tokens: int, eos_id: int | None = None,
+                pad_id: int = 0) -> GenerationOutput:
+    """Greedy decoding for AR (causal) checkpoints, a full forward per token (no KV cache): for
+    comparison, not speed."""
+    device = next(model.parameters()).device
+    seqs = [list(p) for p in prompts]
+    done = [False] * len(prompts)
+    t0, nfe = time.perf_counter(), 0
+    for _ in range(max_new_tokens):
+        x, doc_ids, positions, _ = _layout(seqs, None, 0, 0, pad_id)
+        logits = model(x.to(device), doc_ids=doc_ids.to(device), positions=positions.to(device))
+        nfe += 1
+        nxt = logits[:, -1].argmax(-1).tolist()
+        for b, t in enumerate(nxt):
+            if not done[b]:
+                seqs[b].append(t)
+                done[b] = eos_id is not None and t == eos_id
+        if all(done):
+            break
+    tokens = [s[len(p):] for s, p in zip(seqs, prompts)]
+    return GenerationOutput(tokens, torch.tensor([]), nfe, time.perf_counter() - t0)
