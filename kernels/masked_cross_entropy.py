@@ -23,14 +23,14 @@ from kernels.backend import resolve_backend
 DEFAULT_CHUNK_TOKENS = 256
 
 
-def _prepare(hidden, targets, weights, select, ignore_index):
+def _mask_rows(targets, weights, select, ignore_index):
+    """Unselected and ignored rows get weight 0 (and a valid dummy target): no data-dependent
+    shapes, so the op compiles with fullgraph. Gather the rows you need first when few are
+    selected: the trainer passes only supervised rows."""
     keep = targets != ignore_index
     if select is not None:
         keep = keep & select
-    if not bool(keep.all()):
-        idx = keep.nonzero().squeeze(1)
-        return hidden.index_select(0, idx), targets.index_select(0, idx), weights.index_select(0, idx), idx
-    return hidden, targets, weights, None
+    return torch.where(keep, targets, torch.zeros_like(targets)), torch.where(keep, weights, torch.zeros_like(weights))
 
 
 @torch.no_grad()
@@ -60,16 +60,38 @@ def _fused_forward_reference(hidden, weight, targets, weights, chunk_tokens, nee
     return loss, dh, dw
 
 
+@torch.library.custom_op("rnd1_kernels::masked_ce_fused", mutates_args=())
+def _fused_op(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor,
+              chunk_tokens: int, backend: str, need_grads: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, d_hidden, d_weight) for an incoming gradient of 1 (empty grads if not needed)."""
+    if backend == "triton":
+        from kernels.masked_cross_entropy_triton import fused_forward_triton
+
+        loss, dh, dw = fused_forward_triton(hidden, weight, targets, weights, need_grads)
+    else:
+        loss, dh, dw = _fused_forward_reference(hidden, weight, targets, weights, chunk_tokens, need_grads)
+    if not need_grads:
+        dh, dw = hidden.new_empty(0, dtype=loss.dtype), weight.new_empty(0, dtype=loss.dtype)
+    return loss, dh, dw
+
+
+@_fused_op.register_fake
+def _(hidden, weight, targets, weights, chunk_tokens, backend, need_grads):
+    acc = torch.promote_types(hidden.dtype, torch.float32)
+    loss = hidden.new_empty((), dtype=acc)
+    if not need_grads:
+        return loss, hidden.new_empty(0, dtype=acc), weight.new_empty(0, dtype=acc)
+    return loss, hidden.new_empty(hidden.shape, dtype=acc), weight.new_empty(weight.shape, dtype=acc)
+
+
 class _MaskedCE(torch.autograd.Function):
+    """Gradients are computed in the forward pass (each logits chunk exists once) and scaled by
+    the incoming gradient in backward."""
+
     @staticmethod
     def forward(ctx, hidden, weight, targets, weights, chunk_tokens, backend):
-        need = hidden.requires_grad or weight.requires_grad
-        if backend == "triton":
-            from kernels.masked_cross_entropy_triton import fused_forward_triton
-
-            loss, dh, dw = fused_forward_triton(hidden, weight, targets, weights, need)
-        else:
-            loss, dh, dw = _fused_forward_reference(hidden, weight, targets, weights, chunk_tokens, need)
+        need = bool(ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
+        loss, dh, dw = _fused_op(hidden, weight, targets, weights, chunk_tokens, backend, need)
         ctx.save_for_backward(dh, dw)
         ctx.dtypes = (hidden.dtype, weight.dtype)
         return loss
@@ -94,16 +116,13 @@ def masked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     if targets.shape != hidden.shape[:1] or weights.shape != hidden.shape[:1]:
         raise ValueError(f"masked_cross_entropy: targets {tuple(targets.shape)} and weights "
                          f"{tuple(weights.shape)} must be [N] with N = {hidden.shape[0]}")
-    hidden, targets, weights, _ = _prepare(hidden, targets, weights, select, ignore_index)
-    if hidden.shape[0] == 0:
-        return (hidden.sum() + weight.sum()) * 0.0  # keeps the graph connected; exact zero grads
-    return _MaskedCE.apply(hidden, weight, targets, weights, chunk_tokens,
-                           resolve_backend(backend, hidden.device))
+    targets, weights = _mask_rows(targets, weights, select, ignore_index)
+    return _MaskedCE.apply(hidden, weight, targets, weights, chunk_tokens, resolve_backend(backend, hidden.device))
 
 
 def masked_cross_entropy_reference_full(hidden, weight, targets, weights, select=None, ignore_index=-100):
     """The naive definition (full fp32 logits): the oracle for tests and the benchmark baseline."""
-    hidden, targets, weights, _ = _prepare(hidden, targets, weights, select, ignore_index)
+    targets, weights = _mask_rows(targets, weights, select, ignore_index)
     acc = torch.promote_types(hidden.dtype, torch.float32)
     logits = hidden.to(acc) @ weight.to(acc).t()
     ce = torch.nn.functional.cross_entropy(logits, targets, reduction="none")

@@ -1,9 +1,14 @@
 """Shared fixtures: a small byte-level dataset built from real text (the stdlib source), and the
 location of the optional Qwen3 tokenizer files shipped beside the repo."""
 
+import os
 from pathlib import Path
 
-import pytest
+# The Triton kernels are tested on CPU with Triton's interpreter. It must be switched on before
+# triton.jit decorates anything (CPU training takes the reference path either way).
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"

@@ -11,6 +11,7 @@ from __future__ import annotations
 from functools import partial
 
 import torch
+import kernels.grouped_gemm  # noqa: F401  (registers torch.ops.rnd1_kernels.grouped_mm)
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 

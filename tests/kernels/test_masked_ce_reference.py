@@ -39,10 +39,13 @@ def test_bf16_inputs_fp32_accumulation_and_large_logits():
     assert abs(a.item() - b.item()) / b.item() < 2e-2
 
 
-def test_backend_switch():
+def test_backend_switch(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert resolve_backend("auto", "cpu") == "reference"
     assert resolve_backend("reference", "cpu") == "reference"
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         resolve_backend("triton", "cpu")
     with pytest.raises(ValueError, match="unknown"):
         resolve_backend("cuda-magic", "cpu")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert resolve_backend("triton", "cpu") == "triton"

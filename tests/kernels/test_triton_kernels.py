@@ -1,0 +1,145 @@
+"""Every Triton kernel under TRITON_INTERPRET=1 against its reference (fp32 and fp16: the
+interpreter's bf16 tl.dot is broken), gradients included, on random and edge shapes; the
+references against float64 maths; the custom ops under torch.compile(fullgraph=True)."""
+
+import os
+
+import pytest
+import torch
+
+from kernels.grouped_gemm import grouped_mm, grouped_mm_reference
+from kernels.masked_cross_entropy import masked_cross_entropy, masked_cross_entropy_reference_full
+from kernels.token_dispatch import build_order, combine, dispatch
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="Triton kernels run on CPU only under TRITON_INTERPRET=1")
+
+TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float16: dict(rtol=2e-2, atol=2e-2)}
+
+GROUP_CASES = [
+    # (rows per group, K, M): empty groups, one-row groups, sizes off the 16-tile
+    ([3, 0, 17, 1, 12], 24, 20),
+    ([0, 0, 5], 16, 16),
+    ([33], 40, 7),
+    ([1, 1, 1, 1], 8, 33),
+]
+
+
+def _offs(sizes, tail=0):
+    return torch.tensor(sizes).cumsum(0).to(torch.int32), sum(sizes) + tail
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("sizes,K,M", GROUP_CASES)
+def test_grouped_mm_triton_matches_reference(dtype, sizes, K, M):
+    torch.manual_seed(0)
+    offs, N = _offs(sizes, tail=3)  # 3 rows past the last offset must come out as zeros
+    x = torch.randn(N, K).to(dtype).requires_grad_()
+    W = torch.randn(len(sizes), M, K).to(dtype).requires_grad_()  # stored [G, out, in] like the model
+    y = grouped_mm(x, W.transpose(-2, -1), offs, backend="triton")
+    yr = grouped_mm(x, W.transpose(-2, -1), offs, backend="reference")
+    torch.testing.assert_close(y.float(), yr.float(), **TOL[dtype])
+    assert torch.all(y[offs[-1]:] == 0)
+    g = torch.randn_like(y)
+    gx, gw = torch.autograd.grad(y, (x, W), g)
+    rx, rw = torch.autograd.grad(yr, (x, W), g)
+    torch.testing.assert_close(gx.float(), rx.float(), **TOL[dtype])
+    torch.testing.assert_close(gw.float(), rw.float(), **TOL[dtype])
+    for gidx, n in enumerate(sizes):
+        if n == 0:
+            assert torch.all(gw[gidx] == 0)  # experts without tokens: exactly zero gradient
+
+
+def test_grouped_mm_reference_vs_float64_and_torch_grouped_mm():
+    torch.manual_seed(1)
+    offs, N = _offs([4, 0, 9, 3])
+    x = torch.randn(N, 12, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(4, 12, 16, dtype=torch.float64, requires_grad=True)
+    y = grouped_mm(x, W, offs, backend="reference")
+    exact = torch.cat([x[a:b] @ W[g] for g, (a, b) in enumerate(zip([0] + offs[:-1].tolist(), offs.tolist()))])
+    torch.testing.assert_close(y, exact)
+    assert torch.autograd.gradcheck(lambda a, b: grouped_mm(a, b, offs, backend="reference"), (x, W))
+    y32 = grouped_mm(x.float(), W.float(), offs, backend="reference")
+    torch.testing.assert_close(y32, torch.nn.functional.grouped_mm(x.float(), W.float(), offs=offs),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("align", [1, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_dispatch_combine_triton_matches_reference(align, dtype):
+    torch.manual_seed(2)
+    T, k, E, H = 19, 3, 6, 40
+    ids = torch.stack([torch.randperm(E)[:k] for _ in range(T)])
+    ids[:, 0] = 0  # a popular expert, and (likely) an empty one
+    x = torch.randn(T, H).to(dtype).requires_grad_()
+    w = torch.rand(T, k).to(dtype).requires_grad_()
+    res = {}
+    for b in ("reference", "triton"):
+        xs, info = dispatch(x, ids, E, align=align, backend=b)
+        out = combine(torch.tanh(xs.float()).to(dtype), info, w, backend=b)
+        grads = torch.autograd.grad(out.float().pow(2).sum(), (x, w))
+        res[b] = (xs, out, grads, info)
+    torch.testing.assert_close(res["triton"][0], res["reference"][0], **TOL[dtype])
+    torch.testing.assert_close(res["triton"][1].float(), res["reference"][1].float(), **TOL[dtype])
+    for a, b in zip(res["triton"][2], res["reference"][2]):
+        torch.testing.assert_close(a.float(), b.float(), **TOL[dtype])
+    info = res["reference"][3]
+    assert info.offs[-1].item() % align == 0 and info.tokens_per_expert.sum().item() == T * k
+
+
+def test_dispatch_semantics_vs_float64():
+    torch.manual_seed(3)
+    T, k, E, H = 7, 2, 4, 5
+    ids = torch.tensor([[0, 1], [1, 2], [3, 0], [1, 3], [2, 1], [0, 2], [3, 1]])
+    x = torch.randn(T, H, dtype=torch.float64)
+    w = torch.rand(T, k, dtype=torch.float64)
+    xs, info = dispatch(x, ids, E, backend="reference")
+    assert info.tokens_per_expert.tolist() == [3, 5, 3, 3]
+    starts = [0] + info.offs[:-1].tolist()
+    for e in range(E):  # every row in expert e's group comes from a token routed to e
+        for r in range(starts[e], info.offs[e].item()):
+            assert e in ids[info.src_token[r]].tolist()
+    # identity experts: combine(dispatch(x)) = sum_j w_j * x
+    torch.testing.assert_close(combine(xs, info, w, backend="reference"), x * w.sum(1, keepdim=True))
+    info4 = build_order(ids, E, align=4)
+    assert info4.offs.tolist() == [4, 12, 16, 20] and (info4.src_token == -1).sum().item() == 20 - T * k
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("N,H,V", [(37, 40, 75), (16, 16, 16), (5, 24, 130)])
+def test_masked_ce_triton_matches_float64(dtype, N, H, V):
+    torch.manual_seed(4)
+    h = (torch.randn(N, H) * 2).to(dtype).requires_grad_()
+    W = torch.randn(V, H).to(dtype).requires_grad_()
+    t = torch.randint(0, V, (N,))
+    w = torch.rand(N) * 3
+    sel = torch.rand(N) < 0.6
+    a = masked_cross_entropy(h, W, t, w, sel, backend="triton")
+    ga = torch.autograd.grad(a, (h, W))
+    hd, Wd = h.detach().double().requires_grad_(), W.detach().double().requires_grad_()
+    b = masked_cross_entropy_reference_full(hd, Wd, t, w.double(), sel)
+    gb = torch.autograd.grad(b, (hd, Wd))
+    tol = dict(rtol=1e-4, atol=1e-3) if dtype == torch.float32 else dict(rtol=2e-2, atol=5e-2)
+    torch.testing.assert_close(a.double(), b, **tol)
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(x.double(), y, **tol)
+
+
+def test_custom_ops_compile_fullgraph():
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(3, 8, 6))
+            self.head = torch.nn.Parameter(torch.randn(11, 6))
+
+        def forward(self, x, offs, t, wt):
+            y = grouped_mm(x, self.w, offs, backend="reference")
+            return masked_cross_entropy(y, self.head, t, wt, backend="reference")
+
+    torch.manual_seed(5)
+    m = Block()
+    x, offs = torch.randn(10, 8), torch.tensor([2, 2, 10], dtype=torch.int32)
+    t, wt = torch.randint(0, 11, (10,)), torch.rand(10)
+    eager = m(x, offs, t, wt)
+    compiled = torch.compile(m, fullgraph=True)(x, offs, t, wt)
+    torch.testing.assert_close(compiled, eager)
