@@ -243,8 +243,8 @@ class Trainer:
         finally:
             preempt.restore()
             self.metrics.close()
-        if cfg.checkpoint.export_hf_at_end and env.is_rank0:
-            path = B.export_hf(cfg, self.model, self.run_dir)
+        if cfg.checkpoint.export_hf_at_end:
+            path = B.export_hf(cfg, self.model, self.run_dir, self.model_cfg)
             log0(env, f"exported Hugging Face checkpoint to {path}")
         log0(env, f"done: {self.step} steps, {self.tokens_seen:,} tokens in "
                   f"{time.perf_counter() - t_start:.1f}s")

@@ -238,12 +238,28 @@ def build_optimizer_and_schedule(cfg, model, batch: BatchPlan):
 
 
 # --------------------------------------------------------------------------- export
-def export_hf(cfg, model, run_dir: Path) -> Path:
+def export_config(cfg, mcfg: ModelConfig, fmt: str) -> dict:
+    """config.json entries that tell downstream users how to run the exported model.
+
+    ``rnd1``: the Qwen3 / Qwen3-MoE config plus an ``rnd1`` block (attention, objective, mask id).
+    ``rnd1_release``: the layout of RND1's released inference code (RND1-Base: model_type
+    ``rnd1``, Qwen3-MoE weight names, mask 151669, EOS <|im_end|> 151645, pad 151643)."""
+    attention = "bidirectional" if cfg.objective.name != "ar" else "causal"
+    extra = {"mask_token_id": mcfg.mask_token_id,
+             "rnd1": {"attention": attention, "objective": cfg.objective.name, "mask_token_id": mcfg.mask_token_id}}
+    if fmt == "rnd1_release":
+        if not mcfg.is_moe:
+            raise StartupError("checkpoint.export_hf_format='rnd1_release' needs a Qwen3-MoE model")
+        extra.update(model_type="rnd1", architectures=["RND1LM"], eos_token_id=151645, pad_token_id=151643,
+                     moe_backend="hf", num_diffusion_steps=256, use_cache=False)
+    return extra
+
+
+def export_hf(cfg, model, run_dir: Path, mcfg: ModelConfig) -> Path:
+    """Collective under FSDP (every rank calls it; rank 0 writes)."""
     from rnd1.checkpoint.hf import save_pretrained
 
     out = run_dir / "hf_export"
-    save_pretrained(model, out, extra_config={
-        "attention": "bidirectional" if cfg.objective.name != "ar" else "causal",
-        "diffusion_objective": cfg.objective.name,
-    }, format=cfg.checkpoint.export_hf_format)
+    save_pretrained(model, out, extra_config=export_config(cfg, mcfg, cfg.checkpoint.export_hf_format),
+                    overwrite=True)
     return out

@@ -113,3 +113,25 @@ def test_bad_inputs_fail_clearly(tmp_path, byte_dataset, capsys):
     # nothing was written for runs that failed before training
     for r in ("r1", "r2", "r4", "r5"):
         assert not (tmp_path / r / "checkpoint").exists()
+
+
+@pytest.mark.parametrize("fmt", ["rnd1", "rnd1_release"])
+def test_export_hf_at_end_records_how_to_run_the_model(tmp_path, byte_dataset, fmt):
+    from rnd1.checkpoint.hf import load_pretrained
+
+    cfg = load_config(CONFIG, _overrides(tmp_path / "run", byte_dataset, **{
+        "training.steps": 2, "checkpoint.export_hf_at_end": "true", "checkpoint.export_hf_format": fmt}))
+    trainer = Trainer(cfg, _env())
+    trainer.train()
+    out = tmp_path / "run" / "hf_export"
+    conf = json.loads((out / "config.json").read_text())
+    assert conf["rnd1"] == {"attention": "bidirectional", "objective": "a2d", "mask_token_id": 257}
+    if fmt == "rnd1_release":
+        assert conf["model_type"] == "rnd1" and conf["eos_token_id"] == 151645
+        assert any(k.endswith("mlp.experts.0.gate_proj.weight") for k in json.loads(
+            (out / "model.safetensors.index.json").read_text())["weight_map"]) if (
+            out / "model.safetensors.index.json").exists() else True
+    else:
+        model = load_pretrained(out, attention="bidirectional")
+        x = torch.randint(0, 256, (1, 16))
+        torch.testing.assert_close(model(x), trainer.model(x))
