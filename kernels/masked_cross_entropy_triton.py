@@ -25,6 +25,19 @@ import triton.language as tl
 
 
 @triton.jit
+def _logits_tile(h_ptr, w_ptr, rows, rmask, cols, cmask, H, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                 BLOCK_H: tl.constexpr):
+    """hidden[rows] @ weight[cols]^T as an fp32 [BLOCK_N, BLOCK_V] tile, over BLOCK_H slices."""
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        hk = h0 + tl.arange(0, BLOCK_H)
+        a = tl.load(h_ptr + rows[:, None] * H + hk[None, :], mask=rmask[:, None] & (hk[None, :] < H), other=0.0)
+        b = tl.load(w_ptr + cols[None, :] * H + hk[:, None], mask=cmask[None, :] & (hk[:, None] < H), other=0.0)
+        acc += tl.dot(a, b)
+    return acc
+
+
+@triton.jit
 def _lse_kernel(h_ptr, w_ptr, t_ptr, wt_ptr, lse_ptr, loss_ptr, N, V, H,
                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -36,12 +49,7 @@ def _lse_kernel(h_ptr, w_ptr, t_ptr, wt_ptr, lse_ptr, loss_ptr, N, V, H,
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         cmask = cols < V
-        acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
-        for h0 in range(0, H, BLOCK_H):
-            hk = h0 + tl.arange(0, BLOCK_H)
-            a = tl.load(h_ptr + rows[:, None] * H + hk[None, :], mask=rmask[:, None] & (hk[None, :] < H), other=0.0)
-            b = tl.load(w_ptr + cols[None, :] * H + hk[:, None], mask=cmask[None, :] & (hk[:, None] < H), other=0.0)
-            acc += tl.dot(a, b)
+        acc = _logits_tile(h_ptr, w_ptr, rows, rmask, cols, cmask, H, BLOCK_N, BLOCK_V, BLOCK_H)
         acc = tl.where(cmask[None, :], acc, float("-inf"))
         new_m = tl.maximum(m, tl.max(acc, axis=1))
         s = s * tl.exp(m - new_m) + tl.sum(tl.exp(acc - new_m[:, None]), axis=1)
@@ -65,12 +73,7 @@ def _grad_kernel(h_ptr, w_ptr, t_ptr, wt_ptr, lse_ptr, dh_ptr, dw_ptr, N, V, H,
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         cmask = cols < V
-        acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
-        for h0 in range(0, H, BLOCK_H):
-            hk = h0 + tl.arange(0, BLOCK_H)
-            a = tl.load(h_ptr + rows[:, None] * H + hk[None, :], mask=rmask[:, None] & (hk[None, :] < H), other=0.0)
-            b = tl.load(w_ptr + cols[None, :] * H + hk[:, None], mask=cmask[None, :] & (hk[:, None] < H), other=0.0)
-            acc += tl.dot(a, b)
+        acc = _logits_tile(h_ptr, w_ptr, rows, rmask, cols, cmask, H, BLOCK_N, BLOCK_V, BLOCK_H)
         p = tl.exp(acc - lse[:, None])
         g = wt[:, None] * (p - tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0))
         g = tl.where(rmask[:, None] & cmask[None, :], g, 0.0)

@@ -36,6 +36,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.stateful import Stateful
 
+from rnd1.checkpoint.fsio import fsync_path, fsync_tree
+
 _STEP_RE = re.compile(r"^step-(\d{8})$")
 COMPLETE = "COMPLETE"
 
@@ -71,25 +73,6 @@ def _barrier():
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _fsync_tree(path: Path) -> None:
-    for root, _dirs, files in os.walk(path):
-        for name in files:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(root))
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def assert_finite(model: torch.nn.Module) -> None:
@@ -150,9 +133,9 @@ class CheckpointManager:
             world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
             info = {"step": step, "world_size": world, "time": time.time(), **(meta or {})}
             (tmp / COMPLETE).write_text(json.dumps(info))
-            _fsync_tree(tmp)
+            fsync_tree(tmp)
             os.replace(tmp, final)
-            _fsync_dir(self.folder)
+            fsync_path(self.folder)
             latest_tmp = self.folder / ".latest.tmp"
             latest_tmp.write_text(final.name + "\n")
             os.replace(latest_tmp, self.folder / "latest")

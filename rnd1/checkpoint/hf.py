@@ -27,6 +27,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from rnd1.checkpoint.fsio import fsync_path
 from rnd1.model.config import ModelConfig, ModelConfigError
 from rnd1.model.qwen3 import ATTENTION_MODES, Qwen3
 
@@ -368,14 +369,6 @@ def _rank0() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_pretrained(model: Qwen3, path: str | Path, max_shard_size: int | str = "5GB",
                     dtype: torch.dtype | None = None, extra_config: dict | None = None, *,
                     extra_files: Iterable[str | Path] = (), overwrite: bool = False) -> Path:
@@ -445,8 +438,8 @@ def save_pretrained(model: Qwen3, path: str | Path, max_shard_size: int | str = 
         for f in extra_files:
             shutil.copy2(f, tmp / f.name)
         for f in tmp.iterdir():
-            _fsync(f)
-        _fsync(tmp)
+            fsync_path(f)
+        fsync_path(tmp)
         if path.exists():
             old = path.parent / f".{path.name}.old-{os.getpid()}"
             os.replace(path, old)
@@ -454,7 +447,7 @@ def save_pretrained(model: Qwen3, path: str | Path, max_shard_size: int | str = 
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
-        _fsync(path.parent)
+        fsync_path(path.parent)
     finally:
         if write and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
