@@ -107,7 +107,8 @@ class Trainer:
             "rng_cpu": torch.get_rng_state(),
         }
         path = self.ckpt.save(self.step, self.model, self.optimizer, extra,
-                              meta={"tokens_seen": self.tokens_seen})
+                              meta={"tokens_seen": self.tokens_seen, "model_config": self.model_cfg.to_hf_config(),
+                                    "objective": self.cfg.objective.name})
         log0(self.env, f"saved checkpoint {path}")
 
     # ----------------------------------------------------------------- recipe

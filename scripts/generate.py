@@ -28,13 +28,20 @@ def load_model(checkpoint: str, model: str, objective: str):
     from rnd1.model.config import ModelConfig, get_preset
     from rnd1.model.qwen3 import build_model
 
+    from rnd1.checkpoint.dcp import checkpoint_info
+
     attention = "causal" if objective == "ar" else "bidirectional"
     if is_dcp_checkpoint(checkpoint):
-        p = Path(model)
-        if p.exists():
+        saved = checkpoint_info(checkpoint).get("model_config")
+        p = Path(model) if model else None
+        if saved is not None and not model:  # the trainer records the exact config (mask id included)
+            cfg = ModelConfig.from_hf_config(saved)
+        elif p is not None and p.exists():
             cfg = ModelConfig.from_hf_config(json.loads((p / "config.json" if p.is_dir() else p).read_text()))
-        else:
+        elif model:
             cfg = get_preset(model)
+        else:
+            raise ValueError(f"{checkpoint}: no model config recorded; pass --model PRESET or a HF config")
         m = build_model(cfg, seed=0, attention_mode=attention)
         load_model_weights(m, checkpoint)
         return m
@@ -44,7 +51,8 @@ def load_model(checkpoint: str, model: str, objective: str):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True)
-    ap.add_argument("--model", default="debug", help="preset or HF config for a DCP checkpoint")
+    ap.add_argument("--model", default="", help="preset or HF config for a DCP checkpoint that does not record "
+                                                "its model config (trainer checkpoints do)")
     ap.add_argument("--tokenizer", default="byte")
     ap.add_argument("--prompt", action="append", required=True, help="repeatable: a batch of prompts")
     ap.add_argument("--objective", choices=["a2d", "mdlm", "ar"], default="a2d")

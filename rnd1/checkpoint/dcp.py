@@ -175,6 +175,12 @@ def resolve_checkpoint_dir(path: str | Path) -> Path:
     return latest[1]
 
 
+def checkpoint_info(path: str | Path) -> dict:
+    """The COMPLETE marker's metadata (step, world size, and, for trainer checkpoints, the
+    model config and objective) of a step folder or checkpoint root."""
+    return json.loads((resolve_checkpoint_dir(path) / COMPLETE).read_text())
+
+
 def is_dcp_checkpoint(path: str | Path) -> bool:
     try:
         resolve_checkpoint_dir(path)
