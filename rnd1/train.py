@@ -9,14 +9,12 @@ AdamW with per-group learning rates from the token-space schedule -> metrics -> 
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from rnd1.checkpoint.dcp import CheckpointManager
 from rnd1.config import ConfigError, JobConfig, parse_args, validate

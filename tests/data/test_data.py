@@ -8,7 +8,7 @@ import torch
 
 from rnd1.data.loader import PackedLoader, document_ids
 from rnd1.data.prepare import prepare
-from rnd1.data.shards import DataError, ShardInfo, ShardWriter, TokenDataset, write_meta
+from rnd1.data.shards import DataError, ShardWriter, TokenDataset, write_meta
 
 
 def make_dataset(folder, docs, eos=0, vocab=100, identity="fake", shard_tokens=50, split="train"):

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from kernels.grouped_gemm import grouped_mm, grouped_mm_reference
+from kernels.grouped_gemm import grouped_mm
 from kernels.masked_cross_entropy import masked_cross_entropy, masked_cross_entropy_reference_full
 from kernels.token_dispatch import build_order, combine, dispatch
 

@@ -8,10 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from rnd1.config import ConfigError, load_config
+from rnd1.config import load_config
 from rnd1.train import Trainer, main
 from rnd1.parallel.env import DistEnv
-from rnd1.training.build import StartupError
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "train_configs" / "debug_model.toml"
