@@ -62,6 +62,18 @@ def _filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: 
     return logits
 
 
+def _allowed(logits: torch.Tensor, mask_id: int | None, vocab_limit: int | None) -> torch.Tensor:
+    """Never sample the mask token, nor ids past the tokenizer's vocabulary (Qwen3's embedding
+    is padded to 151,936 rows; the tokenizer stops at 151,670)."""
+    if vocab_limit is not None and vocab_limit < logits.shape[-1]:
+        logits = logits.clone()
+        logits[..., vocab_limit:] = float("-inf")
+    if mask_id is not None and mask_id < logits.shape[-1]:
+        logits = logits.clone() if vocab_limit is None else logits
+        logits[..., mask_id] = float("-inf")
+    return logits
+
+
 def _layout(prompts, suffixes, gen_length, mask_id, pad_id):
     """Left-padded [B, L] ids, the doc ids isolating padding, positions, and the region start."""
     suffixes = suffixes or [[] for _ in prompts]
@@ -87,7 +99,8 @@ def diffusion_generate(model, prompts: list[list[int]], *, gen_length: int, step
                        objective: str = "a2d", block_length: int | None = None, strategy: str = "confidence",
                        threshold: float | None = None, temperature: float = 0.0, top_k: int = 0,
                        top_p: float = 1.0, eos_id: int | None = None, suffixes: list[list[int]] | None = None,
-                       generator: torch.Generator | None = None, pad_id: int | None = None) -> GenerationOutput:
+                       generator: torch.Generator | None = None, pad_id: int | None = None,
+                       vocab_limit: int | None = None) -> GenerationOutput:
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy {strategy!r} unknown; expected one of {STRATEGIES}")
     if objective not in ("a2d", "mdlm"):
@@ -123,7 +136,8 @@ def diffusion_generate(model, prompts: list[list[int]], *, gen_length: int, step
             logits = model(x, doc_ids=doc_ids, positions=positions)
             nfe += 1
             read = pos - 1 if objective == "a2d" else pos
-            lg = _filter_logits(logits[rows, read], temperature, top_k, top_p)  # [B, n, V]
+            lg = _allowed(logits[rows, read].float(), mask_id, vocab_limit)
+            lg = _filter_logits(lg, temperature, top_k, top_p)  # [B, n, V]
             probs = torch.softmax(lg, dim=-1)
             if temperature > 0:
                 flat = torch.multinomial(probs.view(-1, probs.shape[-1]), 1, generator=generator)
@@ -191,7 +205,7 @@ def _stop_at_eos(x, region, mask_id, eos_id, done):
 
 @torch.no_grad()
 def ar_generate(model, prompts: list[list[int]], *, max_new_tokens: int, eos_id: int | None = None,
-                pad_id: int = 0) -> GenerationOutput:
+                pad_id: int = 0, vocab_limit: int | None = None) -> GenerationOutput:
     """Greedy decoding for AR (causal) checkpoints, a full forward per token (no KV cache): for
     comparison, not speed."""
     device = next(model.parameters()).device
@@ -202,7 +216,7 @@ def ar_generate(model, prompts: list[list[int]], *, max_new_tokens: int, eos_id:
         x, doc_ids, positions, _ = _layout(seqs, None, 0, 0, pad_id)
         logits = model(x.to(device), doc_ids=doc_ids.to(device), positions=positions.to(device))
         nfe += 1
-        nxt = logits[:, -1].argmax(-1).tolist()
+        nxt = _allowed(logits[:, -1].float(), None, vocab_limit).argmax(-1).tolist()
         for b, t in enumerate(nxt):
             if not done[b]:
                 seqs[b].append(t)

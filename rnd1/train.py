@@ -204,6 +204,15 @@ class Trainer:
         self.model.train()
         return (total / max(count, 1)).item()
 
+    def score_tasks(self) -> dict:
+        """In-training retention check: the configured JSONL tasks (rnd1.eval.tasks). Every rank
+        runs the same examples, so sharded forwards stay in step."""
+        from rnd1.eval.tasks import score_tasks
+
+        objective = self.cfg.objective.name if self.model.attention_mode == "bidirectional" else "ar"
+        return score_tasks(self.model, self.tokenizer, self.cfg.eval.tasks, objective=objective,
+                           mask_id=self.model_cfg.mask_token_id, seed=self.cfg.eval.val_seed)
+
     # ----------------------------------------------------------------- loop
     def train(self):
         cfg, env = self.cfg, self.env
@@ -229,6 +238,8 @@ class Trainer:
                     done = self.step - start_step
                     eta = (time.perf_counter() - t_start) / max(done, 1) * (total_steps - self.step)
                     self.metrics.log(self.step, m, eta_s=eta)
+                if cfg.eval.tasks and cfg.eval.task_interval and (self.step % cfg.eval.task_interval == 0 or last):
+                    self.metrics.log(self.step, {**self.score_tasks(), "tokens": self.tokens_seen}, prefix="[tasks] ")
                 if cfg.eval.interval and (self.step % cfg.eval.interval == 0 or last):
                     self.metrics.log(self.step, {"val_loss": self.validate(), "tokens": self.tokens_seen},
                                      prefix="[val] ")

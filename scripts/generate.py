@@ -74,13 +74,14 @@ def main(argv=None) -> int:
         return 2
     prompts = [tok.encode(p) for p in args.prompt]
     if args.objective == "ar":
-        out = ar_generate(model, prompts, max_new_tokens=args.gen_length, eos_id=tok.eos_id)
+        out = ar_generate(model, prompts, max_new_tokens=args.gen_length, eos_id=tok.eos_id,
+                          vocab_limit=tok.vocab_size)
     else:
         out = diffusion_generate(
             model, prompts, gen_length=args.gen_length, steps=args.steps, mask_id=model.config.mask_token_id,
             objective=args.objective, block_length=args.block_length or None, strategy=args.strategy,
             threshold=args.threshold, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-            eos_id=tok.eos_id, generator=torch.Generator().manual_seed(args.seed))
+            eos_id=tok.eos_id, generator=torch.Generator().manual_seed(args.seed), vocab_limit=tok.vocab_size)
     for p, t in zip(args.prompt, out.tokens):
         print("=" * 60)
         print(p + tok.decode(t))

@@ -121,3 +121,10 @@ def test_ar_greedy_ragged_batch():
     both = ar_generate(model, prompts, max_new_tokens=5)
     alone = [ar_generate(model, [p], max_new_tokens=5).tokens[0] for p in prompts]
     assert both.tokens == alone and all(len(t) == 5 for t in alone)
+
+
+def test_never_samples_the_mask_or_ids_past_the_vocabulary():
+    targets, strengths = [1, MASK, 29], [0, 9.0, 9.0]  # the model "wants" the mask id and a too-large id
+    out = diffusion_generate(Scripted(targets, strengths), [[1]], gen_length=2, steps=2, mask_id=MASK,
+                             vocab_limit=29)
+    assert all(t != MASK and t < 29 for t in out.tokens[0])

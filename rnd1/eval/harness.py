@@ -1,0 +1,138 @@
+"""lm-evaluation-harness adapter: ``--model rnd1``.
+
+    python -m rnd1.eval.harness --model rnd1 --model_args checkpoint=outputs/run/checkpoint,tokenizer=byte \\
+        --tasks arc_easy --num_fewshot 0            # the lm_eval CLI, with this model registered
+    python scripts/eval.py --checkpoint ... --preset rnd1_table41
+
+(``lm_eval`` itself cannot import third-party models, so this module registers the class and
+then hands over to lm_eval's own command line.) lm-eval is an optional extra
+(``pip install -e ".[eval]"``); training never imports this module.
+
+Scoring: ``loglikelihood`` uses the Monte Carlo ELBO for diffusion models (``mc_samples`` masks
+per request, low-discrepancy t, only continuation tokens masked) and the exact sum for AR
+checkpoints; ``generate_until`` uses the diffusion sampler (batched, ragged prompts) and cuts at
+the stop strings.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+try:
+    from lm_eval.api.model import LM
+    from lm_eval.api.registry import register_model
+except ImportError as e:  # pragma: no cover - exercised only without the extra
+    raise ImportError("rnd1.eval.harness needs lm-evaluation-harness: pip install -e '.[eval]'") from e
+
+from rnd1.data.tokenizer import load_tokenizer
+from rnd1.eval.likelihood import ar_loglikelihood, elbo_loglikelihood
+from rnd1.generate import ar_generate, diffusion_generate
+
+
+def _load(checkpoint: str, model: str, objective: str):
+    import json
+    from pathlib import Path
+
+    from rnd1.checkpoint.dcp import checkpoint_info, is_dcp_checkpoint, load_model_weights
+    from rnd1.checkpoint.hf import load_pretrained
+    from rnd1.model.config import ModelConfig, get_preset
+    from rnd1.model.qwen3 import build_model
+
+    attention = "causal" if objective == "ar" else "bidirectional"
+    if not is_dcp_checkpoint(checkpoint):
+        return load_pretrained(checkpoint, attention=attention)
+    saved = checkpoint_info(checkpoint).get("model_config")
+    if model:
+        p = Path(model)
+        cfg = ModelConfig.from_hf_config(json.loads((p / "config.json" if p.is_dir() else p).read_text())) \
+            if p.exists() else get_preset(model)
+    elif saved:
+        cfg = ModelConfig.from_hf_config(saved)
+    else:
+        raise ValueError(f"{checkpoint}: no model config recorded; pass model=PRESET")
+    m = build_model(cfg, seed=0, attention_mode=attention)
+    load_model_weights(m, checkpoint)
+    return m
+
+
+@register_model("rnd1")
+class RND1HarnessLM(LM):
+    def __init__(self, checkpoint: str = "", tokenizer: str = "byte", model: str = "", objective: str = "",
+                 mc_samples: int = 32, gen_length: int = 128, gen_steps: int = 64, block_length: int = 32,
+                 strategy: str = "confidence", batch_size: int | str = 8, seed: int = 0, lm=None, **_):
+        super().__init__()
+        self.tok = load_tokenizer(tokenizer)
+        if lm is None:
+            if not checkpoint:
+                raise ValueError("rnd1 harness model: pass checkpoint=<DCP checkpoint or HF folder>")
+            from rnd1.checkpoint.dcp import checkpoint_info, is_dcp_checkpoint
+
+            if not objective:
+                objective = checkpoint_info(checkpoint).get("objective", "a2d") if is_dcp_checkpoint(checkpoint) \
+                    else "a2d"
+            lm = _load(checkpoint, model, objective)
+        self.model = lm.eval()
+        self.objective = objective or "a2d"
+        self.mask_id = self.model.config.mask_token_id
+        self.mc_samples, self.gen_length, self.gen_steps = int(mc_samples), int(gen_length), int(gen_steps)
+        self.block_length, self.strategy = int(block_length), strategy
+        self.batch = int(batch_size) if str(batch_size).isdigit() else 8
+        self.gen = torch.Generator().manual_seed(int(seed))
+
+    # ------------------------------------------------------------------ likelihood
+    def _ll(self, context: str, continuation: str) -> tuple[float, bool]:
+        ctx, cont = self.tok.encode(context), self.tok.encode(continuation)
+        if not ctx:
+            ctx = [self.tok.eos_id]
+        if self.objective == "ar":
+            return ar_loglikelihood(self.model, ctx, cont)
+        ll = elbo_loglikelihood(self.model, ctx, cont, mask_id=self.mask_id, objective=self.objective,
+                                num_samples=self.mc_samples, generator=self.gen)
+        return ll, False  # greedy agreement is not defined for a diffusion ELBO
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        return [self._ll(*r.args[:2]) for r in requests]
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+        return [self._ll("", r.args[0])[0] for r in requests]
+
+    # ------------------------------------------------------------------ generation
+    def generate_until(self, requests, disable_tqdm: bool = False):
+        out = []
+        for i in range(0, len(requests), self.batch):
+            chunk = requests[i:i + self.batch]
+            prompts = [self.tok.encode(r.args[0]) or [self.tok.eos_id] for r in chunk]
+            kwargs = [r.args[1] if len(r.args) > 1 else {} for r in chunk]
+            length = max(int(k.get("max_gen_toks", self.gen_length)) for k in kwargs)
+            if self.objective == "ar":
+                res = ar_generate(self.model, prompts, max_new_tokens=length, eos_id=self.tok.eos_id,
+                                  vocab_limit=self.tok.vocab_size)
+            else:
+                block = min(self.block_length, length)
+                steps = max(self.gen_steps * length // max(self.gen_length, 1), -(-length // block))
+                res = diffusion_generate(self.model, prompts, gen_length=length, steps=steps, mask_id=self.mask_id,
+                                         objective=self.objective, block_length=block, strategy=self.strategy,
+                                         eos_id=self.tok.eos_id, generator=self.gen, vocab_limit=self.tok.vocab_size)
+            for toks, k in zip(res.tokens, kwargs):
+                text = self.tok.decode([t for t in toks if t != self.tok.eos_id])
+                until = k.get("until") or []
+                for stop in [until] if isinstance(until, str) else until:
+                    if stop and stop in text:
+                        text = text[:text.index(stop)]
+                out.append(text)
+        return out
+
+
+def main(argv=None) -> None:
+    """lm_eval's CLI with ``--model rnd1`` available."""
+    from lm_eval.__main__ import cli_evaluate
+
+    if argv is not None:
+        sys.argv = [sys.argv[0], *argv]
+    cli_evaluate()
+
+
+if __name__ == "__main__":
+    main()
