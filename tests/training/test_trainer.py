@@ -134,3 +134,14 @@ def test_export_hf_at_end_records_how_to_run_the_model(tmp_path, byte_dataset, f
         model = load_pretrained(out, attention="bidirectional")
         x = torch.randint(0, 256, (1, 16))
         torch.testing.assert_close(model(x), trainer.model(x))
+
+
+def test_in_training_task_scores_are_logged(tmp_path, byte_dataset):
+    task = tmp_path / "mc.jsonl"
+    task.write_text('{"context": "import", "choices": [" os", " zzqx"], "label": 0}\n')
+    cfg = load_config(CONFIG, _overrides(tmp_path / "run", byte_dataset, **{
+        "training.steps": 2, "checkpoint.enable": "false", "eval.tasks": str(task), "eval.task_interval": 2}))
+    Trainer(cfg, _env()).train()
+    recs = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
+    scored = [r for r in recs if "task/mc" in r]
+    assert len(scored) == 1 and scored[0]["step"] == 2 and scored[0]["task/mc"] in (0.0, 1.0)
