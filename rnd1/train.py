@@ -166,7 +166,7 @@ class Trainer:
         grad_norm = B.clip_grad_norm(self.model, cfg.training.max_norm)
         loss_global = self.parallel.all_reduce_dp(loss_sum)
         lrs = self.schedule.apply(self.optimizer, self.tokens_seen)
-        if self.guard.check(loss_global, grad_norm, self.step + 1, self.ckpt.latest()):
+        if self.guard.check(loss_global, grad_norm, self.step + 1, self.ckpt.latest):
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1

@@ -20,11 +20,13 @@ class NonFiniteGuard:
 
     def check(self, loss: torch.Tensor, grad_norm: torch.Tensor, step: int, last_checkpoint=None) -> bool:
         """True when the optimiser may step. Called on every rank with the globally reduced
-        loss and norm, so all ranks take the same decision."""
+        loss and norm, so all ranks take the same decision. ``last_checkpoint`` is a callable
+        returning (step, path) or None, only consulted when something went wrong."""
         if math.isfinite(float(loss)) and math.isfinite(float(grad_norm)):
             return True
         self.skipped += 1
-        where = f"{last_checkpoint[1]}" if last_checkpoint else "none (no checkpoint saved yet)"
+        latest = last_checkpoint() if last_checkpoint is not None else None
+        where = f"{latest[1]}" if latest else "none (no checkpoint saved yet)"
         print(f"[rnd1] step {step}: non-finite loss {float(loss)} / grad norm {float(grad_norm)}; "
               f"update skipped ({self.skipped}/{self.limit} allowed)", flush=True)
         if self.skipped > self.limit:
