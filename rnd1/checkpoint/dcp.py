@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -37,6 +38,9 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.checkpoint.stateful import Stateful
 
 from rnd1.checkpoint.fsio import fsync_path, fsync_tree
+
+# A single process saving/loading with DCP is intended here (no process group needed).
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 _STEP_RE = re.compile(r"^step-(\d{8})$")
 COMPLETE = "COMPLETE"
