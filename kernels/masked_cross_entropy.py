@@ -21,6 +21,8 @@ import torch
 from kernels.backend import resolve_backend
 
 DEFAULT_CHUNK_TOKENS = 256
+# chunk_tokens=0 selects the two-pass vocabulary-chunked path; its logits block holds this many elements
+VOCAB_CHUNK_ELEMS = 1 << 25
 
 
 def _mask_rows(targets, weights, select, ignore_index):
@@ -68,6 +70,9 @@ def _fused_op(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
         from kernels.masked_cross_entropy_triton import fused_forward_triton
 
         loss, dh, dw = fused_forward_triton(hidden, weight, targets, weights, need_grads)
+    elif chunk_tokens <= 0:
+        loss, dh, dw = _two_pass_vocab_chunked_reference(hidden, weight, targets, weights, VOCAB_CHUNK_ELEMS,
+                                                         need_grads)
     else:
         loss, dh, dw = _fused_forward_reference(hidden, weight, targets, weights, chunk_tokens, need_grads)
     if not need_grads:
@@ -81,7 +86,52 @@ def _(hidden, weight, targets, weights, chunk_tokens, backend, need_grads):
     loss = hidden.new_empty((), dtype=acc)
     if not need_grads:
         return loss, hidden.new_empty(0, dtype=acc), weight.new_empty(0, dtype=acc)
-    return loss, hidden.new_empty(hidden.shape, dtype=acc), weight.new_empty(weight.shape, dtype=acc)
+    dw_dtype = weight.dtype if (chunk_tokens <= 0 and backend != "triton" and weight.dtype != torch.float64) else acc
+    return loss, hidden.new_empty(hidden.shape, dtype=acc), weight.new_empty(weight.shape, dtype=dw_dtype)
+
+
+@torch.no_grad()
+def _two_pass_vocab_chunked_reference(hidden, weight, targets, weights, vocab_chunk_elems, need_grads):
+    """Low-memory variant: chunks of the VOCABULARY, two passes. Pass 1 folds each [N, cv]
+    logits block into an online log-sum-exp; pass 2 recomputes the block, forms
+    g = w (softmax - onehot) and writes dW[chunk] = g^T h straight into a weight-dtype buffer
+    (each slice written once, fp32 accumulation inside the matmul) while d hidden accumulates in
+    fp32 ([N, H], small). Peak extra memory: one logits block + dW in the weight's dtype; the
+    price is one more [N, V, H] matmul than the token-chunked path."""
+    acc = torch.promote_types(hidden.dtype, torch.float32)
+    N, V = hidden.shape[0], weight.shape[0]
+    cv = max(128, min(V, vocab_chunk_elems // max(N, 1)))
+    m = torch.full((N,), float("-inf"), dtype=acc, device=hidden.device)
+    ssum = torch.zeros(N, dtype=acc, device=hidden.device)
+    tlogit = torch.zeros(N, dtype=acc, device=hidden.device)
+    for v0 in range(0, V, cv):
+        lg = (hidden @ weight[v0:v0 + cv].t()).to(acc)
+        new_m = torch.maximum(m, lg.max(1).values)
+        ssum = ssum * torch.exp(m - new_m) + torch.exp(lg - new_m[:, None]).sum(1)
+        m = new_m
+        hit = (targets >= v0) & (targets < v0 + lg.shape[1])
+        idx = (targets - v0).clamp(0, lg.shape[1] - 1)
+        tlogit += torch.where(hit, lg.gather(1, idx[:, None]).squeeze(1), torch.zeros_like(tlogit))
+    lse = m + torch.log(ssum)
+    wt = weights.to(acc)
+    loss = (wt * (lse - tlogit)).sum()
+    if not need_grads:
+        return loss, None, None
+    dh = torch.zeros(hidden.shape, dtype=acc, device=hidden.device)
+    dw = torch.empty(weight.shape, dtype=weight.dtype if weight.dtype != torch.float64 else acc, device=hidden.device)
+    for v0 in range(0, V, cv):
+        wc = weight[v0:v0 + cv]
+        g = (hidden @ wc.t()).to(acc)
+        g.sub_(lse[:, None]).exp_()
+        hit = (targets >= v0) & (targets < v0 + g.shape[1])
+        idx = (targets - v0).clamp(0, g.shape[1] - 1)
+        g.scatter_add_(1, idx[:, None], -hit.to(acc)[:, None])
+        g.mul_(wt[:, None])
+        gc = g.to(hidden.dtype)
+        dh += (gc @ wc).to(acc)
+        torch.mm(gc.t(), hidden, out=dw[v0:v0 + cv]) if dw.dtype == hidden.dtype else \
+            dw[v0:v0 + cv].copy_(gc.t().to(acc) @ hidden.to(acc))
+    return loss, dh, dw
 
 
 class _MaskedCE(torch.autograd.Function):

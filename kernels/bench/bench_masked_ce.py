@@ -33,6 +33,8 @@ def method_fn(name, h, w, t, wt):
 
     if name == "fused_reference":
         return lambda: masked_cross_entropy(h, w, t, wt, backend="reference").backward()
+    if name == "fused_reference_vocab_chunked":
+        return lambda: masked_cross_entropy(h, w, t, wt, backend="reference", chunk_tokens=0).backward()
     if name == "full_logits":
         def full():
             logits = h @ w.t()
@@ -86,7 +88,7 @@ def main():
     print(f"N={a.n} ({n_sel} selected), H={a.h}, V={a.v}, {a.dtype}; bare {a.h}^3 matmul: {peak / 1e9:.0f} GFLOP/s")
     base = None
     args = [f"--n={a.n}", f"--frac={a.frac}", f"--h={a.h}", f"--v={a.v}", f"--dtype={a.dtype}", f"--reps={a.reps}"]
-    for m in ("full_logits", "fused_reference", "torch_linear_cross_entropy"):
+    for m in ("full_logits", "fused_reference", "fused_reference_vocab_chunked", "torch_linear_cross_entropy"):
         try:
             r = run_isolated("kernels.bench.bench_masked_ce", args + [f"--method={m}"])
         except RuntimeError as e:
