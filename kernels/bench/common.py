@@ -42,7 +42,19 @@ def rss_mib() -> float:
 
 
 def peak_rss_mib() -> float:
+    """Resident-set high-water mark (VmHWM) since the last reset_peak_rss()."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def reset_peak_rss() -> None:
+    """Reset VmHWM to the current resident set (Linux: write 5 to /proc/self/clear_refs), so the
+    peak of a call is not hidden by an earlier spike (e.g. creating the inputs)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 def run_isolated(module: str, args: list[str]) -> dict:
