@@ -22,7 +22,7 @@ from kernels.backend import resolve_backend
 
 DEFAULT_CHUNK_TOKENS = 256
 # chunk_tokens=0 selects the two-pass vocabulary-chunked path; its logits block holds this many elements
-VOCAB_CHUNK_ELEMS = 1 << 25
+VOCAB_CHUNK_ELEMS = 1 << 23  # 32 MiB of fp32 logits: small next to dW, large enough for efficient matmuls
 
 
 def _mask_rows(targets, weights, select, ignore_index):
