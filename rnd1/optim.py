@@ -61,7 +61,7 @@ def param_groups(model: torch.nn.Module, *, attention: GroupSpec, non_attention:
 
 
 def build_optimizer(model, *, attention: GroupSpec, non_attention: GroupSpec, betas=(0.9, 0.95),
-                    eps: float = 1e-8, implementation: str = "foreach") -> torch.optim.AdamW:
+                    eps: float = 1e-8, implementation: str = "fused") -> torch.optim.AdamW:
     kw = {"foreach": implementation == "foreach", "fused": implementation == "fused"}
     if implementation not in ("foreach", "fused", "for-loop"):
         raise ValueError(f"optimizer.implementation {implementation!r}: expected foreach, fused or for-loop")

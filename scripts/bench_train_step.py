@@ -57,12 +57,17 @@ def build_rnd1(a, mcfg):
     return model
 
 
+def adamw(params, implementation: str) -> torch.optim.AdamW:
+    return torch.optim.AdamW(list(params), lr=1e-4, foreach=implementation == "foreach",
+                             fused=implementation == "fused")
+
+
 def rnd1_step_fn(a, model, mcfg):
     from rnd1.diffusion.corruption import corrupt
     from rnd1.diffusion.loss import objective_loss
     from rnd1.diffusion.objectives import build_targets
 
-    opt = torch.optim.AdamW([p for p in model.parameters()], lr=1e-4, foreach=True)
+    opt = adamw(model.parameters(), a.optimizer)
     autocast = a.dtype == "bf16"
     gen = torch.Generator().manual_seed(0)
 
@@ -94,7 +99,7 @@ def hf_step_fn(a, rnd1_model, mcfg):
     hf.train()
     if a.compile:
         hf = torch.compile(hf)
-    opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, foreach=True)
+    opt = adamw(hf.parameters(), a.peer_optimizer)
     autocast = a.dtype == "bf16"
 
     def step(x0):
@@ -140,7 +145,7 @@ def run_variant(a) -> dict:
         step = rnd1_step_fn(a, model, mcfg)
     res = time_steps(step, a, mcfg)
     res.update(impl=a.impl, objective=a.objective, dtype=a.dtype, compile=a.compile, ac=a.ac,
-               grouped_mm=a.grouped_mm)
+               grouped_mm=a.grouped_mm, optimizer=a.optimizer if a.impl == "rnd1" else a.peer_optimizer)
     return res
 
 
@@ -163,6 +168,10 @@ def parse(argv=None):
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--ac", choices=["none", "full", "selective"], default="none")
     ap.add_argument("--grouped-mm", default="auto", help="expert matmul backend: auto, loop, torch, kernels")
+    ap.add_argument("--optimizer", choices=["fused", "foreach", "for-loop"], default="fused",
+                    help="this project's AdamW kernel (the trainer's default: fused)")
+    ap.add_argument("--peer-optimizer", choices=["fused", "foreach", "for-loop"], default="foreach",
+                    help="AdamW kernel of the peers")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--impl", choices=["rnd1", "hf"], default="rnd1")
@@ -214,7 +223,7 @@ def main(argv=None) -> int:
         peak = peak_fp32 if r["dtype"] == "fp32" else peak_bf16
         r["mfu"] = r["tflops"] * 1e12 / peak
         rows.append(r)
-        print(f"{r['impl']:>5} {r['objective']:>4} {r['dtype']:>11} compile={str(r['compile']):5} ac={r['ac']:9} "
+        print(f"{r['impl']:>5} {r['objective']:>4} {r['dtype']:>11} compile={str(r['compile']):5} ac={r['ac']:9} adamw={r['optimizer']:8} "
               f"{r['tokens_per_s']:9,.0f} tok/s  {r['step_ms']:7.1f} ms  {r['tflops'] * 1e3:6.1f} GFLOP/s  "
               f"MFU {r['mfu']:5.1%}  peak RSS {r['peak_rss_gib']:.2f} GiB", flush=True)
     if a.vs_hf and not a.table:

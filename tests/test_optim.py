@@ -64,3 +64,23 @@ def test_sqrt_batch_scaling():
     assert scale_lr(3e-4, 4_000_000, 1_000_000) == pytest.approx(6e-4)
     assert scale_lr(3e-4, 250_000, 1_000_000) == pytest.approx(1.5e-4)
     assert math.isclose(scale_lr(1.0, 2, 1), math.sqrt(2))
+
+
+def test_fused_default_matches_foreach_with_two_learning_rates():
+    """The default AdamW kernel (fused, the fastest on CPU) must update like the foreach one,
+    per group (different lr and weight decay per group)."""
+    models = [build_model(get_preset("debug"), seed=0) for _ in range(2)]
+    opts = [build_optimizer(m, attention=GroupSpec(1e-2, 0.1), non_attention=GroupSpec(3e-3, 0.0),
+                            implementation=impl) for m, impl in zip(models, ("fused", "foreach"))]
+    assert opts[0].defaults["fused"] and not opts[1].defaults["fused"]
+    x = torch.randint(0, 500, (2, 16))
+    for _ in range(3):
+        for m, opt in zip(models, opts):
+            m(x).float().pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+    for (n, a), b in zip(models[0].named_parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"{n}: {m}")
+    init = build_model(get_preset("debug"), seed=0)
+    moved = sum(not torch.equal(a, b) for a, b in zip(models[0].parameters(), init.parameters()))
+    assert moved == len(list(init.parameters()))  # every parameter was updated
