@@ -49,14 +49,18 @@ def _fused_forward_reference(hidden, weight, targets, weights, chunk_tokens, nee
         logits = (h @ weight.t()).to(acc)  # [c, V]: the only logits block alive
         t = targets[s:s + chunk_tokens]
         wt = weights[s:s + chunk_tokens].to(acc)
-        lse = torch.logsumexp(logits, dim=-1)
-        loss += (wt * (lse - logits.gather(1, t[:, None]).squeeze(1))).sum()
+        # One exp pass serves both the loss and the gradient (logsumexp + a second exp took two).
+        target_logit = logits.gather(1, t[:, None]).squeeze(1)
+        row_max = logits.amax(dim=-1, keepdim=True)
+        probs = logits.sub_(row_max).exp_()  # in place: unnormalised softmax
+        sum_exp = probs.sum(dim=-1)
+        lse = row_max.squeeze(1) + sum_exp.log()
+        loss += (wt * (lse - target_logit)).sum()
         if need_grads:
             # d loss / d logits = w * (softmax - onehot), computed in place on the logits block
-            logits.sub_(lse[:, None]).exp_()
-            logits.scatter_add_(1, t[:, None], -torch.ones_like(wt)[:, None])
-            logits.mul_(wt[:, None])
-            g = logits.to(hidden.dtype)  # matmuls in the input dtype (bf16 on the fast path)
+            probs.mul_((wt / sum_exp)[:, None])
+            probs.scatter_add_(1, t[:, None], -wt[:, None])
+            g = probs.to(hidden.dtype)  # matmuls in the input dtype (bf16 on the fast path)
             dh[s:s + chunk_tokens] = g @ weight
             dw.addmm_(g.t().to(acc), h.to(acc))
     return loss, dh, dw
