@@ -64,16 +64,32 @@ def grouped_mm_reference(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -
     return out
 
 
+def _is_transposed_layout(w: torch.Tensor) -> bool:
+    """w [G, K, M] is the transpose of a contiguous [G, M, K] (how experts store weights)."""
+    return w.stride(1) == 1 and w.stride(2) == w.shape[1] and w.stride(0) == w.shape[1] * w.shape[2]
+
+
+def _like(dw: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """dW in w's memory layout (what the fake returns, and what the parameter's .grad wants:
+    a mismatched layout costs autograd a copy of every expert weight gradient)."""
+    if dw.stride() == torch.empty_like(w, device="meta").stride():
+        return dw
+    return torch.empty_like(w).copy_(dw)
+
+
 def grouped_mm_backward_reference(grad, x, w, offs):
     grad = grad.contiguous()  # grouped_mm's backward rejects zero-stride gradients (from .sum())
     if _torch_grouped_mm_ok(x, w) and grad.dtype == x.dtype and (grad.shape[1] * grad.element_size()) % 16 == 0:
         grad = _zero_tail(grad, offs)
         dx = _zero_tail(torch.nn.functional.grouped_mm(grad, w.transpose(1, 2), offs=offs), offs)
-        # dW[g] = x_g^T grad_g: the 2-D x 2-D form, groups along the reduction dimension
-        dw = torch.nn.functional.grouped_mm(x.t(), grad, offs=offs)
-        return dx, dw.to(w.dtype)  # groups without rows get exactly zero (tested)
+        # dW[g] = x_g^T grad_g: the 2-D x 2-D form, groups along the reduction dimension.
+        if _is_transposed_layout(w):  # the model passes weight.transpose(-2, -1): write dW^T
+            dw = torch.nn.functional.grouped_mm(grad.t(), x, offs=offs).transpose(1, 2)
+        else:
+            dw = torch.nn.functional.grouped_mm(x.t(), grad, offs=offs)
+        return dx, _like(dw.to(w.dtype), w)  # groups without rows get exactly zero (tested)
     dx = torch.zeros_like(x)
-    dw = torch.zeros(w.shape, dtype=w.dtype, device=w.device)
+    dw = torch.zeros_like(w)
     start = 0
     for g, end in enumerate(offs.tolist()):
         if end > start:
@@ -178,9 +194,10 @@ def grouped_mm_triton(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, conf
     return y
 
 
-def grouped_mm_dw_triton(x, dy, offs, G, config: dict | None = None) -> torch.Tensor:
+def grouped_mm_dw_triton(x, dy, offs, G, config: dict | None = None, like: torch.Tensor | None = None) -> torch.Tensor:
+    """dW [G, K, M]; written in ``like``'s memory layout when given (the kernel takes strides)."""
     K, M = x.shape[1], dy.shape[1]
-    dw = torch.empty(G, K, M, dtype=x.dtype, device=x.device)
+    dw = torch.empty_like(like) if like is not None else torch.empty(G, K, M, dtype=x.dtype, device=x.device)
     cfg = dict(config or (INTERPRET_CONFIG if _interpreting() else DW_GPU_CONFIGS[0]))
     grid = (G, triton.cdiv(K, cfg["BLOCK_K"]), triton.cdiv(M, cfg["BLOCK_M"]))
     _grouped_mm_dw_kernel[grid](x, dy, dw, offs.to(torch.int32), M, K, x.stride(0), x.stride(1), dy.stride(0),
@@ -207,13 +224,13 @@ def _grouped_mm_bwd_op(grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor, off
     if backend == "triton":
         grad = grad.contiguous()
         dx = grouped_mm_triton(grad, w.transpose(1, 2), offs)
-        return dx, grouped_mm_dw_triton(x, grad, offs, w.shape[0])
+        return dx, grouped_mm_dw_triton(x, grad, offs, w.shape[0], like=w)
     return grouped_mm_backward_reference(grad, x, w, offs)
 
 
 @_grouped_mm_bwd_op.register_fake
 def _(grad, x, w, offs, backend):
-    return torch.empty_like(x), x.new_empty(w.shape, dtype=w.dtype)
+    return torch.empty_like(x), torch.empty_like(w)
 
 
 def _setup(ctx, inputs, output):

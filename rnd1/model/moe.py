@@ -96,7 +96,9 @@ class LocalDispatcher:
     def combine(self, y, ctx: _LocalCtx):
         T, k = ctx.topk_weights.shape
         unsorted = torch.empty_like(y).index_copy_(0, ctx.order, y)  # back to (token, slot) order
-        return torch.einsum("tkh,tk->th", unsorted.view(T, k, -1), ctx.topk_weights.to(y.dtype))
+        # [T, 1, k] @ [T, k, H]: the weighted sum over slots as one batched matmul (an einsum
+        # here made a transposed copy of y forward and backward: 2x slower on CPU)
+        return torch.bmm(ctx.topk_weights.to(y.dtype).unsqueeze(1), unsorted.view(T, k, -1)).squeeze(1)
 
 
 class MoE(nn.Module):

@@ -64,6 +64,25 @@ def test_grouped_mm_reference_vs_float64_and_torch_grouped_mm():
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("stored", ["out_in", "in_out"])
+def test_grouped_mm_weight_grad_comes_back_in_the_parameters_layout(stored):
+    """The fp32 reference (torch.grouped_mm) path writes dW in w's own layout, so a parameter
+    stored [G, out, in] and passed transposed gets a contiguous .grad with no copy."""
+    torch.manual_seed(2)
+    offs, N = _offs([5, 0, 11, 16])
+    x = torch.randn(N, 16, requires_grad=True)
+    W = torch.randn(4, 32, 16, requires_grad=True) if stored == "out_in" else torch.randn(4, 16, 32, requires_grad=True)
+    w = W.transpose(-2, -1) if stored == "out_in" else W
+    g = torch.randn(N, 32)
+    dx, dw = torch.ops.rnd1_kernels.grouped_mm_backward(g, x, w, offs, "reference")
+    assert dw.stride() == torch.empty_like(w).stride()
+    grouped_mm(x, w, offs, backend="reference").backward(g)
+    assert W.grad.is_contiguous() and torch.all(W.grad[1] == 0)
+    x64, g64, starts = x.double(), g.double(), [0] + offs[:-1].tolist()
+    exact = torch.stack([x64[a:b].t() @ g64[a:b] for a, b in zip(starts, offs.tolist())])
+    torch.testing.assert_close(dw.double(), exact, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("align", [1, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_dispatch_combine_triton_matches_reference(align, dtype):
