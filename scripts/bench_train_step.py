@@ -1,9 +1,11 @@
 #!/usr/bin/env python
-"""Time this project's real training step (forward, loss, backward, AdamW) and, with --vs-hf,
-the same architecture and weights in transformers, in turn, in the same process.
+"""Time this project's real training step (forward, loss, backward, AdamW) and, with --vs-hf /
+--vs-torchtitan, the same architecture and weights in transformers / torchtitan, one after the
+other in the same run (each variant in a fresh process).
 
     python scripts/bench_train_step.py                          # the issue's config, ar, bf16
     python scripts/bench_train_step.py --objective a2d --vs-hf
+    python scripts/bench_train_step.py --vs-hf --vs-torchtitan --dtype fp32
     python scripts/bench_train_step.py --hidden 512 --seq 2048 --batch 1
     python scripts/bench_train_step.py --table                  # Table 4.2-style sweep
 
@@ -138,8 +140,14 @@ def run_variant(a) -> dict:
     torch.manual_seed(0)
     mcfg = model_config(a)
     model = build_rnd1(a, mcfg)
-    if a.impl == "hf":
-        step = hf_step_fn(a, model, mcfg)
+    if a.impl in ("hf", "torchtitan"):
+        if a.impl == "hf":
+            step = hf_step_fn(a, model, mcfg)
+        else:
+            sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+            from peers.torchtitan_qwen3 import torchtitan_step_fn
+
+            step = torchtitan_step_fn(a, model, mcfg)
         del model
     else:
         step = rnd1_step_fn(a, model, mcfg)
@@ -174,8 +182,10 @@ def parse(argv=None):
                     help="AdamW kernel of the peers")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--impl", choices=["rnd1", "hf"], default="rnd1")
+    ap.add_argument("--impl", choices=["rnd1", "hf", "torchtitan"], default="rnd1")
     ap.add_argument("--vs-hf", action="store_true", help="also time transformers with the same weights")
+    ap.add_argument("--vs-torchtitan", action="store_true",
+                    help="also time torchtitan 0.3.0's Qwen3 with the same weights (scripts/peers/)")
     ap.add_argument("--table", action="store_true", help="sweep options, print a Table 4.2-style table")
     ap.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
     return ap.parse_args(argv)
@@ -185,7 +195,7 @@ def subprocess_variant(a, **changes) -> dict:
     """Run one variant in a fresh process (clean memory high-water mark)."""
     args = [sys.executable, os.path.abspath(__file__), "--json"]
     for k, v in {**vars(a), **changes}.items():
-        if k in ("vs_hf", "table", "json"):
+        if k in ("vs_hf", "vs_torchtitan", "table", "json"):
             continue
         flag = "--" + k.replace("_", "-")
         if isinstance(v, bool):
@@ -211,9 +221,13 @@ def main(argv=None) -> int:
     print(f"model: {pc['total'] / 1e6:.1f}M params, {mcfg.flops_per_token(a.seq) / 1e6:.1f} MFLOP/token; "
           f"seq {a.seq} x batch {a.batch}; matmul peak measured now: bf16 {peak_bf16 / 1e9:.0f} GFLOP/s, "
           f"fp32 {peak_fp32 / 1e9:.0f} GFLOP/s")
+    fpt = mcfg.flops_per_token(a.seq)
+    print(f"ceiling (every FLOP at that peak): fp32 {peak_fp32 / fpt:,.0f} tok/s, bf16 {peak_bf16 / fpt:,.0f} tok/s")
     variants = [{}]
     if a.vs_hf:
         variants.append({"impl": "hf"})
+    if a.vs_torchtitan:
+        variants.append({"impl": "torchtitan"})
     if a.table:
         variants = [{"objective": o, "ac": ac, "compile": c}
                     for o in ("ar", "a2d") for ac in ("none", "selective") for c in (False, True)]
@@ -226,8 +240,12 @@ def main(argv=None) -> int:
         print(f"{r['impl']:>5} {r['objective']:>4} {r['dtype']:>11} compile={str(r['compile']):5} ac={r['ac']:9} adamw={r['optimizer']:8} "
               f"{r['tokens_per_s']:9,.0f} tok/s  {r['step_ms']:7.1f} ms  {r['tflops'] * 1e3:6.1f} GFLOP/s  "
               f"MFU {r['mfu']:5.1%}  peak RSS {r['peak_rss_gib']:.2f} GiB", flush=True)
-    if a.vs_hf and not a.table:
-        print(f"speed-up vs transformers: {rows[0]['tokens_per_s'] / rows[1]['tokens_per_s']:.2f}x")
+    if len(rows) > 1 and not a.table:
+        for r in rows[1:]:
+            print(f"speed-up vs {r['impl']}: {rows[0]['tokens_per_s'] / r['tokens_per_s']:.2f}x, "
+                  f"peak RSS {rows[0]['peak_rss_gib']:.2f} vs {r['peak_rss_gib']:.2f} GiB")
+        best = max(rows[1:], key=lambda r: r["tokens_per_s"])
+        print(f"speed-up vs the faster peer ({best['impl']}): {rows[0]['tokens_per_s'] / best['tokens_per_s']:.2f}x")
     if a.table:
         print("\n| WS | TP | PP | EP | DP | MBS | GBS | Seq | GAS | dispatcher | recompute | objective | compile "
               "| TFLOP/s | memory (GiB) |")
