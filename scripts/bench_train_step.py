@@ -53,6 +53,8 @@ def build_rnd1(a, mcfg):
     set_grouped_mm_backend(a.grouped_mm)
     model = build_model(mcfg, seed=0, attention_mode="causal" if a.objective == "ar" else "bidirectional",
                         dtype=torch.bfloat16 if a.dtype == "bf16-params" else torch.float32)
+    if a.impl != "rnd1":  # only the weights are wanted: the peers apply their own options
+        return model
     apply_activation_checkpointing(model, a.ac)
     if a.compile:
         apply_compile(model, fullgraph=True)

@@ -344,8 +344,19 @@ def parse_size(size: int | str) -> int:
     return value
 
 
+# Wrappers that torch.compile and activation checkpointing put around blocks; they add a path
+# segment to parameter names but are not part of the model.
+_WRAPPER_SEGMENT = re.compile(r"(^|\.)(_orig_mod|_checkpoint_wrapped_module)(?=\.)")
+
+
+def canonical_name(name: str) -> str:
+    """``layers.0._orig_mod._checkpoint_wrapped_module.mlp...`` -> ``layers.0.mlp...``"""
+    return _WRAPPER_SEGMENT.sub("", name).lstrip(".")
+
+
 def _hf_names(name: str, shape: torch.Size) -> list[tuple[str, int | None]]:
     """HF tensor names for one of our parameters: (name, expert index or None)."""
+    name = canonical_name(name)
     if m := re.match(r"^(layers\.\d+\.mlp\.experts)\.(gate_proj|up_proj|down_proj)$", name):
         return [(f"model.{m[1]}.{e}.{m[2]}.weight", e) for e in range(shape[0])]
     if m := re.match(r"^(layers\.\d+\.mlp)\.router\.weight$", name):

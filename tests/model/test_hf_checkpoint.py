@@ -149,6 +149,27 @@ def test_bf16_export_round_trips_exactly(tmp_path):
         assert torch.equal(a.to(torch.bfloat16), b), k
 
 
+def test_export_of_a_compiled_checkpointed_model_has_plain_names(tmp_path):
+    """The trainer exports its live model, whose blocks may be wrapped by torch.compile and
+    activation checkpointing (``layers.0._orig_mod._checkpoint_wrapped_module...``): the files
+    must be those of the unwrapped model."""
+    from safetensors.torch import load_file
+
+    from rnd1.parallel.activation_checkpoint import apply_activation_checkpointing
+    from rnd1.parallel.compile import apply_compile
+
+    plain = build_model(get_preset("debug"), seed=0)
+    wrapped = build_model(get_preset("debug"), seed=0)
+    apply_activation_checkpointing(wrapped, "full")
+    apply_compile(wrapped)
+    assert any("_orig_mod" in n for n, _ in wrapped.named_parameters())
+    save_pretrained(plain, tmp_path / "plain")
+    save_pretrained(wrapped, tmp_path / "wrapped")
+    a, b = load_file(tmp_path / "plain" / "model.safetensors"), load_file(tmp_path / "wrapped" / "model.safetensors")
+    assert sorted(a) == sorted(b) and "model.layers.1.mlp.experts.0.gate_proj.weight" in b
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_copy_fn_receives_every_full_tensor_once(hf, tmp_path):
     """The hook the parallel layer uses: a meta model, (our_name, full tensor) per parameter."""
     ref = hf.make(True, mlp_only_layers=[1], tie_word_embeddings=False)
