@@ -8,6 +8,7 @@ other in the same run (each variant in a fresh process).
     python scripts/bench_train_step.py --vs-hf --vs-torchtitan --dtype fp32
     python scripts/bench_train_step.py --hidden 512 --seq 2048 --batch 1
     python scripts/bench_train_step.py --table                  # Table 4.2-style sweep
+    python scripts/bench_train_step.py --dtype fp32 --profile 15 # torch.profiler top ops
 
 Prints tokens/s, step ms, TFLOP/s, MFU against a bf16/fp32 matmul peak measured in the same run,
 and peak memory (resident-set growth of the step, measured in a fresh subprocess per variant so
@@ -138,6 +139,23 @@ def time_steps(step, a, mcfg):
             "step_rss_growth_gib": (peak - base) / 2**30}
 
 
+def profile_variant(a) -> None:
+    """torch.profiler over the timed steps of this project's step; prints the top ops by self time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    mcfg = model_config(a)
+    step = rnd1_step_fn(a, build_rnd1(a, mcfg), mcfg)
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, a.vocab - 1, (a.batch, a.seq), generator=g) for _ in range(a.warmup + a.steps)]
+    for x in batches[:a.warmup]:
+        step(x)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for x in batches[a.warmup:]:
+            step(x)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=a.profile))
+
+
 def run_variant(a) -> dict:
     torch.manual_seed(0)
     mcfg = model_config(a)
@@ -154,7 +172,8 @@ def run_variant(a) -> dict:
     else:
         step = rnd1_step_fn(a, model, mcfg)
     res = time_steps(step, a, mcfg)
-    res.update(impl=a.impl, objective=a.objective, dtype=a.dtype, compile=a.compile, ac=a.ac,
+    res.update(hidden=a.hidden, moe_inter=a.moe_inter, heads=a.heads, kv_heads=a.kv_heads, seq=a.seq,
+               batch=a.batch, impl=a.impl, objective=a.objective, dtype=a.dtype, compile=a.compile, ac=a.ac,
                grouped_mm=a.grouped_mm, optimizer=a.optimizer if a.impl == "rnd1" else a.peer_optimizer)
     return res
 
@@ -189,6 +208,11 @@ def parse(argv=None):
     ap.add_argument("--vs-torchtitan", action="store_true",
                     help="also time torchtitan 0.3.0's Qwen3 with the same weights (scripts/peers/)")
     ap.add_argument("--table", action="store_true", help="sweep options, print a Table 4.2-style table")
+    ap.add_argument("--scaling", action="store_true",
+                    help="sweep model size (hidden 256/512/1024, expert width and heads growing with it) x "
+                         "(seq 512 x batch 4, seq 2048 x batch 1), MFU against one peak measurement")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="profile this project's step (torch.profiler) and print the top N ops by self time")
     ap.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
@@ -197,7 +221,7 @@ def subprocess_variant(a, **changes) -> dict:
     """Run one variant in a fresh process (clean memory high-water mark)."""
     args = [sys.executable, os.path.abspath(__file__), "--json"]
     for k, v in {**vars(a), **changes}.items():
-        if k in ("vs_hf", "vs_torchtitan", "table", "json"):
+        if k in ("vs_hf", "vs_torchtitan", "table", "scaling", "json"):
             continue
         flag = "--" + k.replace("_", "-")
         if isinstance(v, bool):
@@ -216,6 +240,9 @@ def main(argv=None) -> int:
     if a.json:
         print(json.dumps(run_variant(a)))
         return 0
+    if a.profile:
+        profile_variant(a)
+        return 0
     peak_bf16 = measure_matmul_peak(torch.bfloat16, n=2048)
     peak_fp32 = measure_matmul_peak(torch.float32, n=2048)
     mcfg = model_config(a)
@@ -233,16 +260,20 @@ def main(argv=None) -> int:
     if a.table:
         variants = [{"objective": o, "ac": ac, "compile": c}
                     for o in ("ar", "a2d") for ac in ("none", "selective") for c in (False, True)]
+    if a.scaling:
+        # the whole model grows with the hidden size: expert width = hidden, heads of 64 = hidden / 32
+        variants = [{"hidden": h, "moe_inter": h, "heads": h // 32, "kv_heads": max(1, h // 128), "seq": sq, "batch": b}
+                    for h in (256, 512, 1024) for sq, b in ((512, 4), (2048, 1))]
     rows = []
     for ch in variants:
         r = subprocess_variant(a, **ch)
         peak = peak_fp32 if r["dtype"] == "fp32" else peak_bf16
         r["mfu"] = r["tflops"] * 1e12 / peak
         rows.append(r)
-        print(f"{r['impl']:>5} {r['objective']:>4} {r['dtype']:>11} compile={str(r['compile']):5} ac={r['ac']:9} adamw={r['optimizer']:8} "
+        print(f"{r['impl']:>5} h{r['hidden']} s{r['seq']}x{r['batch']} {r['objective']:>4} {r['dtype']:>11} compile={str(r['compile']):5} ac={r['ac']:9} adamw={r['optimizer']:8} "
               f"{r['tokens_per_s']:9,.0f} tok/s  {r['step_ms']:7.1f} ms  {r['tflops'] * 1e3:6.1f} GFLOP/s  "
               f"MFU {r['mfu']:5.1%}  peak RSS {r['peak_rss_gib']:.2f} GiB", flush=True)
-    if len(rows) > 1 and not a.table:
+    if len(rows) > 1 and not (a.table or a.scaling):
         for r in rows[1:]:
             print(f"speed-up vs {r['impl']}: {rows[0]['tokens_per_s'] / r['tokens_per_s']:.2f}x, "
                   f"peak RSS {rows[0]['peak_rss_gib']:.2f} vs {r['peak_rss_gib']:.2f} GiB")
@@ -250,11 +281,21 @@ def main(argv=None) -> int:
         print(f"speed-up vs the faster peer ({best['impl']}): {rows[0]['tokens_per_s'] / best['tokens_per_s']:.2f}x")
     if a.table:
         print("\n| WS | TP | PP | EP | DP | MBS | GBS | Seq | GAS | dispatcher | recompute | objective | compile "
-              "| TFLOP/s | memory (GiB) |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+              "| tok/s | TFLOP/s | memory (GiB) |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in rows:
             print(f"| 1 | 1 | 1 | 1 | 1 | {a.batch} | {a.batch} | {a.seq} | 1 | local sort ({r['grouped_mm']}) | "
-                  f"{r['ac']} | {r['objective']} | {r['compile']} | {r['tflops']:.3f} | {r['peak_rss_gib']:.2f} |")
+                  f"{r['ac']} | {r['objective']} | {r['compile']} | {r['tokens_per_s']:,.0f} | {r['tflops']:.3f} | "
+                  f"{r['peak_rss_gib']:.2f} |")
+    if a.scaling:
+        print("\n| hidden = expert width | heads q/kv | seq x batch | params | MFLOP/token | tok/s | GFLOP/s | MFU |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            c = model_config(argparse.Namespace(**{**vars(a), **{k: r[k] for k in ("hidden", "moe_inter", "heads",
+                                                                                    "kv_heads", "seq")}}))
+            print(f"| {r['hidden']} | {r['heads']}/{r['kv_heads']} | {r['seq']} x {r['batch']} | {c.param_counts()['total'] / 1e6:.1f}M | "
+                  f"{c.flops_per_token(r['seq']) / 1e6:.1f} | {r['tokens_per_s']:,.0f} | {r['tflops'] * 1e3:.0f} | "
+                  f"{r['mfu']:.1%} |")
     return 0
 
 
