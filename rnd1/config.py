@@ -140,6 +140,9 @@ class Training:
     deterministic: bool = _f(False, "torch.use_deterministic_algorithms")
     max_nonfinite_skips: int = _f(10, "steps with non-finite loss/grad skipped before the run stops", _nonneg)
     device: Literal["auto", "cpu", "cuda"] = _f("auto", "auto: CUDA when available")
+    cpu_keep_freed_memory: bool = _f(
+        True, "CPU runs: glibc malloc keeps freed memory instead of unmapping it (faster steps, RSS stays at "
+              "the high-water mark; rnd1/training/cpu_malloc.py)")
 
 
 @dataclass

@@ -268,6 +268,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    if env.device.type == "cpu" and cfg.training.cpu_keep_freed_memory:
+        from rnd1.training.cpu_malloc import keep_freed_memory
+
+        log0(env, "glibc malloc keeps freed memory (training.cpu_keep_freed_memory)" if keep_freed_memory()
+             else "training.cpu_keep_freed_memory: glibc mallopt unavailable here; allocator left as is")
     try:
         Trainer(cfg, env).train()
     except B.StartupError as e:

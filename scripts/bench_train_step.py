@@ -157,6 +157,11 @@ def profile_variant(a) -> None:
 
 
 def run_variant(a) -> dict:
+    if a.malloc == "keep":
+        from rnd1.training.cpu_malloc import keep_freed_memory
+
+        if not keep_freed_memory():
+            raise RuntimeError("--malloc keep: glibc mallopt unavailable on this platform")
     torch.manual_seed(0)
     mcfg = model_config(a)
     model = build_rnd1(a, mcfg)
@@ -174,7 +179,7 @@ def run_variant(a) -> dict:
     res = time_steps(step, a, mcfg)
     res.update(hidden=a.hidden, moe_inter=a.moe_inter, heads=a.heads, kv_heads=a.kv_heads, seq=a.seq,
                batch=a.batch, impl=a.impl, objective=a.objective, dtype=a.dtype, compile=a.compile, ac=a.ac,
-               grouped_mm=a.grouped_mm, optimizer=a.optimizer if a.impl == "rnd1" else a.peer_optimizer)
+               grouped_mm=a.grouped_mm, malloc=a.malloc, optimizer=a.optimizer if a.impl == "rnd1" else a.peer_optimizer)
     return res
 
 
@@ -201,6 +206,9 @@ def parse(argv=None):
                     help="this project's AdamW kernel (the trainer's default: fused)")
     ap.add_argument("--peer-optimizer", choices=["fused", "foreach", "for-loop"], default="foreach",
                     help="AdamW kernel of the peers")
+    ap.add_argument("--malloc", choices=["keep", "default"], default="keep",
+                    help="keep: glibc keeps freed memory (the trainer's CPU default, rnd1/training/cpu_malloc.py), "
+                         "applied to every implementation alike; default: glibc as configured")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--impl", choices=["rnd1", "hf", "torchtitan"], default="rnd1")
