@@ -14,7 +14,6 @@ leaves no dataset that looks finished.
 from __future__ import annotations
 
 import glob
-import json
 import multiprocessing as mp
 import shutil
 import sys
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rnd1.data.jsonl import read_jsonl
 from rnd1.data.shards import DataError, ShardWriter, write_meta
 from rnd1.data.tokenizer import load_tokenizer
 
@@ -52,17 +52,10 @@ def iter_documents(source: str, jsonl_field: str = "text"):
         if not p.is_file():
             raise DataError(f"data source {source!r}: {p} is not a file")
         if p.suffix == ".jsonl" or field != jsonl_field or source.endswith(".jsonl"):
-            with open(p, encoding="utf-8") as fh:
-                for lineno, line in enumerate(fh, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        rec = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{p}:{lineno}: not JSON ({e})") from e
-                    if field not in rec:
-                        raise DataError(f"{p}:{lineno}: no field {field!r} (fields: {', '.join(rec)})")
-                    yield f"{p}:{lineno}", str(rec[field])
+            for lineno, rec in read_jsonl(p, DataError):
+                if field not in rec:
+                    raise DataError(f"{p}:{lineno}: no field {field!r} (fields: {', '.join(rec)})")
+                yield f"{p}:{lineno}", str(rec[field])
         else:
             yield str(p), p.read_text(encoding="utf-8", errors="replace")
 

@@ -10,11 +10,11 @@ A task file is JSONL, one example per line, of either kind:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
+from rnd1.data.jsonl import read_jsonl
 from rnd1.eval.likelihood import ar_loglikelihood, elbo_loglikelihood
 from rnd1.generate import ar_generate, diffusion_generate
 
@@ -28,13 +28,7 @@ def load_task(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise TaskError(f"task file {path} does not exist")
     rows = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            ex = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise TaskError(f"{path}:{i}: not JSON ({e})") from e
+    for i, ex in read_jsonl(path, TaskError):
         if not ({"context", "choices", "label"} <= ex.keys() or {"prompt", "answer"} <= ex.keys()):
             raise TaskError(f"{path}:{i}: expected context/choices/label or prompt/answer, got {sorted(ex)}")
         rows.append(ex)

@@ -14,6 +14,7 @@ without its dependencies: only tyro, docstring_parser and spmd_types are needed 
 
 from __future__ import annotations
 
+import glob
 import tempfile
 
 import torch
@@ -28,7 +29,6 @@ def build_torchtitan_model(mcfg, hf_dir: str):
     from torchtitan.models.qwen3 import (_EMBEDDING_INIT, _LINEAR_INIT, Qwen3Model, _build_qwen3_moe_layers,
                                          _qwen3_norm)
     from torchtitan.models.qwen3.state_dict_adapter import Qwen3StateDictAdapter
-    import glob
 
     if not all(mcfg.is_moe_layer(i) for i in range(mcfg.num_hidden_layers)):
         raise ValueError("the torchtitan peer is built for all-MoE Qwen3 configs")

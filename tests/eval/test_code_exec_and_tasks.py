@@ -49,3 +49,18 @@ def test_task_scoring_with_a_scripted_model(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"question": 1}\n')
     with pytest.raises(TaskError, match="bad.jsonl:1: expected context/choices/label or prompt/answer"):
         load_task(tmp_path / "bad.jsonl")
+
+
+@pytest.mark.parametrize("line,message", [("{not json", "bad2.jsonl:2: not JSON"),
+                                          ("[1, 2]", "bad2.jsonl:2: expected a JSON object, got list")])
+def test_task_file_errors_name_file_and_line(tmp_path, line, message):
+    """Task files and data sources share one JSONL reader (rnd1/data/jsonl.py)."""
+    from rnd1.data.prepare import iter_documents
+    from rnd1.data.shards import DataError
+
+    bad = tmp_path / "bad2.jsonl"
+    bad.write_text(json.dumps({"prompt": "q", "answer": "a", "text": "t"}) + "\n" + line + "\n")
+    with pytest.raises(TaskError, match=message):
+        load_task(bad)
+    with pytest.raises(DataError, match=message):
+        list(iter_documents(str(bad)))
