@@ -45,6 +45,30 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def build_rnd1_distributed(a, mcfg):
+    """Under torchrun: EP + FSDP2 over all ranks (the trainer's parallelize_model), gloo on CPU."""
+    from types import SimpleNamespace as NS
+
+    from rnd1.model.grouped_mm import set_grouped_mm_backend
+    from rnd1.model.qwen3 import Qwen3
+    from rnd1.parallel import build_parallel_dims, parallelize_model
+    from rnd1.parallel.env import init_distributed
+
+    env = init_distributed("cpu")
+    cfg = NS(parallelism=NS(tensor_parallel_degree=1, data_parallel_replicate_degree=1, data_parallel_shard_degree=-1,
+                            expert_parallel_degree=a.ep, fsdp_reshard_after_forward="default"),
+             activation_checkpoint=NS(mode=a.ac), compile=NS(enable=a.compile, backend="inductor", fullgraph=True),
+             training=NS(mixed_precision_param="float32"))
+    set_grouped_mm_backend(a.grouped_mm)
+    dims = build_parallel_dims(cfg.parallelism, env)
+    with torch.device("meta"):
+        model = Qwen3(mcfg, attention_mode="causal" if a.objective == "ar" else "bidirectional")
+    model = parallelize_model(model, cfg, dims, env)
+    model.to_empty(device="cpu")
+    model.init_weights(seed=0)
+    return model, dims, env
+
+
 def build_rnd1(a, mcfg):
     from rnd1.model.grouped_mm import set_grouped_mm_backend
     from rnd1.model.qwen3 import build_model
@@ -67,21 +91,24 @@ def adamw(params, implementation: str) -> torch.optim.AdamW:
                              fused=implementation == "fused")
 
 
-def rnd1_step_fn(a, model, mcfg):
+def rnd1_step_fn(a, model, mcfg, dims=None):
+    """The trainer's step; with ``dims`` (multi-process), the target count is summed over the
+    data-parallel ranks first, as the trainer does."""
     from rnd1.diffusion.corruption import corrupt
     from rnd1.diffusion.loss import objective_loss
     from rnd1.diffusion.objectives import build_targets
 
     opt = adamw(model.parameters(), a.optimizer)
     autocast = a.dtype == "bf16"
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(0 if dims is None else 1000 + torch.distributed.get_rank())
 
     def step(x0):
         c = corrupt(x0, a.objective, mcfg.mask_token_id, generator=gen)
         tg = build_targets(a.objective, x0, c.x_t, c.masked, c.t)
+        n = tg.num_targets if dims is None else dims.all_reduce_dp(torch.tensor(float(tg.num_targets)))
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             h = model(c.x_t, return_hidden=True)
-            loss = objective_loss(h, model.lm_head.weight, tg, tg.num_targets).loss
+            loss = objective_loss(h, model.lm_head.weight, tg, n).loss
             if mcfg.is_moe:
                 loss = loss + 0.001 * model.moe_aux_loss()
         loss.backward()
@@ -118,8 +145,8 @@ def hf_step_fn(a, rnd1_model, mcfg):
     return step
 
 
-def time_steps(step, a, mcfg):
-    g = torch.Generator().manual_seed(1)
+def time_steps(step, a, mcfg, world: int = 1, rank: int = 0):
+    g = torch.Generator().manual_seed(1 + rank)
     batches = [torch.randint(0, a.vocab - 1, (a.batch, a.seq), generator=g) for _ in range(a.warmup + a.steps)]
     base = rss_bytes()
     peak = base
@@ -132,7 +159,7 @@ def time_steps(step, a, mcfg):
         if i >= a.warmup:
             times.append(dt)
     med = statistics.median(times)
-    tokens = a.batch * a.seq
+    tokens = a.batch * a.seq * world  # global tokens per step
     flops = mcfg.flops_per_token(a.seq) * tokens / med
     return {"tokens_per_s": tokens / med, "step_ms": med * 1e3, "tflops": flops / 1e12,
             "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
@@ -156,6 +183,12 @@ def profile_variant(a) -> None:
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=a.profile))
 
 
+def max_over_ranks(x: float) -> float:
+    t = torch.tensor([x])
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return float(t)
+
+
 def run_variant(a) -> dict:
     if a.malloc == "keep":
         from rnd1.training.cpu_malloc import keep_freed_memory
@@ -164,6 +197,14 @@ def run_variant(a) -> dict:
             raise RuntimeError("--malloc keep: glibc mallopt unavailable on this platform")
     torch.manual_seed(0)
     mcfg = model_config(a)
+    if a.nprocs > 1:
+        model, dims, env = build_rnd1_distributed(a, mcfg)
+        res = time_steps(rnd1_step_fn(a, model, mcfg, dims), a, mcfg, world=env.world_size, rank=env.rank)
+        res["peak_rss_gib"] = max_over_ranks(res["peak_rss_gib"])
+        res.update(hidden=a.hidden, moe_inter=a.moe_inter, heads=a.heads, kv_heads=a.kv_heads, seq=a.seq,
+                   batch=a.batch, impl=a.impl, objective=a.objective, dtype=a.dtype, compile=a.compile, ac=a.ac,
+                   grouped_mm=a.grouped_mm, malloc=a.malloc, optimizer=a.optimizer, nprocs=a.nprocs, ep=a.ep)
+        return res if env.rank == 0 else {}
     model = build_rnd1(a, mcfg)
     if a.impl in ("hf", "torchtitan"):
         if a.impl == "hf":
@@ -179,7 +220,8 @@ def run_variant(a) -> dict:
     res = time_steps(step, a, mcfg)
     res.update(hidden=a.hidden, moe_inter=a.moe_inter, heads=a.heads, kv_heads=a.kv_heads, seq=a.seq,
                batch=a.batch, impl=a.impl, objective=a.objective, dtype=a.dtype, compile=a.compile, ac=a.ac,
-               grouped_mm=a.grouped_mm, malloc=a.malloc, optimizer=a.optimizer if a.impl == "rnd1" else a.peer_optimizer)
+               grouped_mm=a.grouped_mm, malloc=a.malloc, nprocs=1, ep=1,
+               optimizer=a.optimizer if a.impl == "rnd1" else a.peer_optimizer)
     return res
 
 
@@ -212,6 +254,9 @@ def parse(argv=None):
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--impl", choices=["rnd1", "hf", "torchtitan"], default="rnd1")
+    ap.add_argument("--nprocs", type=int, default=1,
+                    help="processes (torchrun, gloo, one thread each); the batch is per process (MBS)")
+    ap.add_argument("--ep", type=int, default=1, help="expert-parallel degree when --nprocs > 1 (FSDP over all)")
     ap.add_argument("--vs-hf", action="store_true", help="also time transformers with the same weights")
     ap.add_argument("--vs-torchtitan", action="store_true",
                     help="also time torchtitan 0.3.0's Qwen3 with the same weights (scripts/peers/)")
@@ -227,7 +272,14 @@ def parse(argv=None):
 
 def subprocess_variant(a, **changes) -> dict:
     """Run one variant in a fresh process (clean memory high-water mark)."""
-    args = [sys.executable, os.path.abspath(__file__), "--json"]
+    a = argparse.Namespace(**{**vars(a), **changes})
+    changes = {}
+    launcher = [sys.executable]
+    if a.nprocs > 1:
+        if a.impl != "rnd1":
+            raise SystemExit("--nprocs > 1 times this project's step only")
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={a.nprocs}"]
+    args = [*launcher, os.path.abspath(__file__), "--json"]
     for k, v in {**vars(a), **changes}.items():
         if k in ("vs_hf", "vs_torchtitan", "table", "scaling", "json"):
             continue
@@ -240,13 +292,18 @@ def subprocess_variant(a, **changes) -> dict:
     out = subprocess.run(args, capture_output=True, text=True)
     if out.returncode:
         raise RuntimeError(out.stderr[-3000:])
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    # under torchrun only rank 0 prints its result
+    return json.loads([line for line in out.stdout.splitlines() if line.startswith('{"tokens_per_s"')][-1])
 
 
 def main(argv=None) -> int:
     a = parse(argv)
     if a.json:
-        print(json.dumps(run_variant(a)))
+        res = run_variant(a)
+        if res:
+            print(json.dumps(res), flush=True)
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
         return 0
     if a.profile:
         profile_variant(a)
@@ -268,6 +325,9 @@ def main(argv=None) -> int:
     if a.table:
         variants = [{"objective": o, "ac": ac, "compile": c}
                     for o in ("ar", "a2d") for ac in ("none", "selective") for c in (False, True)]
+        # the machine's two cores as two processes (one thread each): FSDP 2, with and without EP 2
+        variants += [{"objective": o, "nprocs": 2, "ep": ep, "ac": "none", "compile": False}
+                     for ep in (2, 1) for o in ("ar", "a2d")]
     if a.scaling:
         # the whole model grows with the hidden size: expert width = hidden, heads of 64 = hidden / 32
         variants = [{"hidden": h, "moe_inter": h, "heads": h // 32, "kv_heads": max(1, h // 128), "seq": sq, "batch": b}
@@ -278,7 +338,7 @@ def main(argv=None) -> int:
         peak = peak_fp32 if r["dtype"] == "fp32" else peak_bf16
         r["mfu"] = r["tflops"] * 1e12 / peak
         rows.append(r)
-        print(f"{r['impl']:>5} h{r['hidden']} s{r['seq']}x{r['batch']} {r['objective']:>4} {r['dtype']:>11} compile={str(r['compile']):5} ac={r['ac']:9} adamw={r['optimizer']:8} "
+        print(f"{r['impl']:>5} ws{r['nprocs']} ep{r['ep']} h{r['hidden']} s{r['seq']}x{r['batch']} {r['objective']:>4} {r['dtype']:>11} compile={str(r['compile']):5} ac={r['ac']:9} adamw={r['optimizer']:8} "
               f"{r['tokens_per_s']:9,.0f} tok/s  {r['step_ms']:7.1f} ms  {r['tflops'] * 1e3:6.1f} GFLOP/s  "
               f"MFU {r['mfu']:5.1%}  peak RSS {r['peak_rss_gib']:.2f} GiB", flush=True)
     if len(rows) > 1 and not (a.table or a.scaling):
@@ -292,7 +352,9 @@ def main(argv=None) -> int:
               "| tok/s | TFLOP/s | memory (GiB) |")
         print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in rows:
-            print(f"| 1 | 1 | 1 | 1 | 1 | {a.batch} | {a.batch} | {a.seq} | 1 | local sort ({r['grouped_mm']}) | "
+            ws, ep = r["nprocs"], r["ep"]
+            dispatcher = f"all-to-all ({r['grouped_mm']})" if ep > 1 else f"local sort ({r['grouped_mm']})"
+            print(f"| {ws} | 1 | 1 | {ep} | {ws} | {a.batch} | {a.batch * ws} | {a.seq} | 1 | {dispatcher} | "
                   f"{r['ac']} | {r['objective']} | {r['compile']} | {r['tokens_per_s']:,.0f} | {r['tflops']:.3f} | "
                   f"{r['peak_rss_gib']:.2f} |")
     if a.scaling:

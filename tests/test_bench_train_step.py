@@ -65,3 +65,13 @@ def test_torchtitan_peer_has_the_same_weights():
     # torchtitan runs expert matmuls in bf16 even with fp32 parameters: bf16-level agreement
     assert (ours - theirs).abs().max() < 2e-2 * ours.abs().max()
     assert (ours.argmax(-1) == theirs.argmax(-1)).float().mean() > 0.9
+
+
+def test_bench_two_processes_with_expert_parallelism():
+    """--nprocs 2 --ep 2: the trainer's EP + FSDP2 step under torchrun (gloo), global tokens/s."""
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_train_step.py"), *TINY, "--steps", "2",
+                          "--warmup", "1", "--nprocs", "2", "--ep", "2"],
+                         capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    row = [line for line in out.stdout.splitlines() if line.strip().startswith("rnd1 ws2 ep2")]
+    assert row and float(row[0].split("tok/s")[0].split()[-1].replace(",", "")) > 0
