@@ -7,7 +7,9 @@ other in the same run (each variant in a fresh process).
     python scripts/bench_train_step.py --objective a2d --vs-hf
     python scripts/bench_train_step.py --vs-hf --vs-torchtitan --dtype fp32
     python scripts/bench_train_step.py --hidden 512 --seq 2048 --batch 1
-    python scripts/bench_train_step.py --table                  # Table 4.2-style sweep
+    python scripts/bench_train_step.py --table                  # Table 4.2-style sweep (1 and 2 processes)
+    python scripts/bench_train_step.py --nprocs 2 --ep 2         # EP + FSDP2 under torchrun (gloo)
+    python scripts/bench_train_step.py --dtype fp32 --scaling    # MFU as the model grows
     python scripts/bench_train_step.py --dtype fp32 --profile 15 # torch.profiler top ops
 
 Prints tokens/s, step ms, TFLOP/s, MFU against a bf16/fp32 matmul peak measured in the same run,
