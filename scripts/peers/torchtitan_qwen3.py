@@ -26,8 +26,13 @@ def build_torchtitan_model(mcfg, hf_dir: str):
     from safetensors.torch import load_file
     from torchtitan.models.common import CosSinRoPE, Embedding, Linear
     from torchtitan.models.common.attention import ScaledDotProductAttention
-    from torchtitan.models.qwen3 import (_EMBEDDING_INIT, _LINEAR_INIT, Qwen3Model, _build_qwen3_moe_layers,
-                                         _qwen3_norm)
+    from torchtitan.models.qwen3 import (
+        _EMBEDDING_INIT,
+        _LINEAR_INIT,
+        Qwen3Model,
+        _build_qwen3_moe_layers,
+        _qwen3_norm,
+    )
     from torchtitan.models.qwen3.state_dict_adapter import Qwen3StateDictAdapter
 
     if not all(mcfg.is_moe_layer(i) for i in range(mcfg.num_hidden_layers)):
@@ -76,8 +81,8 @@ def torchtitan_step_fn(a, rnd1_model, mcfg):
 
     def step(x0):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            logits = model(x0[:, :-1])
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), x0[:, 1:].flatten())
+            logits = model(x0)  # all L positions, as transformers computes with labels=x0
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), x0[:, 1:].flatten())
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
