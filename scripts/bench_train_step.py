@@ -147,9 +147,13 @@ def hf_step_fn(a, rnd1_model, mcfg):
     return step
 
 
-def time_steps(step, a, mcfg, world: int = 1, rank: int = 0):
+def make_batches(a, rank: int = 0) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(1 + rank)
-    batches = [torch.randint(0, a.vocab - 1, (a.batch, a.seq), generator=g) for _ in range(a.warmup + a.steps)]
+    return [torch.randint(0, a.vocab - 1, (a.batch, a.seq), generator=g) for _ in range(a.warmup + a.steps)]
+
+
+def time_steps(step, a, mcfg, world: int = 1, rank: int = 0):
+    batches = make_batches(a, rank)
     base = rss_bytes()
     peak = base
     times = []
@@ -175,8 +179,7 @@ def profile_variant(a) -> None:
     torch.manual_seed(0)
     mcfg = model_config(a)
     step = rnd1_step_fn(a, build_rnd1(a, mcfg), mcfg)
-    g = torch.Generator().manual_seed(1)
-    batches = [torch.randint(0, a.vocab - 1, (a.batch, a.seq), generator=g) for _ in range(a.warmup + a.steps)]
+    batches = make_batches(a)
     for x in batches[:a.warmup]:
         step(x)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -203,27 +206,25 @@ def run_variant(a) -> dict:
         model, dims, env = build_rnd1_distributed(a, mcfg)
         res = time_steps(rnd1_step_fn(a, model, mcfg, dims), a, mcfg, world=env.world_size, rank=env.rank)
         res["peak_rss_gib"] = max_over_ranks(res["peak_rss_gib"])
-        res.update(hidden=a.hidden, moe_inter=a.moe_inter, heads=a.heads, kv_heads=a.kv_heads, seq=a.seq,
-                   batch=a.batch, impl=a.impl, objective=a.objective, dtype=a.dtype, compile=a.compile, ac=a.ac,
-                   grouped_mm=a.grouped_mm, malloc=a.malloc, optimizer=a.optimizer, nprocs=a.nprocs, ep=a.ep)
-        return res if env.rank == 0 else {}
-    model = build_rnd1(a, mcfg)
-    if a.impl in ("hf", "torchtitan"):
+        if env.rank:
+            return {}
+    else:
+        model = build_rnd1(a, mcfg)
         if a.impl == "hf":
             step = hf_step_fn(a, model, mcfg)
-        else:
+        elif a.impl == "torchtitan":
             sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
             from peers.torchtitan_qwen3 import torchtitan_step_fn
 
             step = torchtitan_step_fn(a, model, mcfg)
+        else:
+            step = rnd1_step_fn(a, model, mcfg)
         del model
-    else:
-        step = rnd1_step_fn(a, model, mcfg)
-    res = time_steps(step, a, mcfg)
-    res.update(hidden=a.hidden, moe_inter=a.moe_inter, heads=a.heads, kv_heads=a.kv_heads, seq=a.seq,
-               batch=a.batch, impl=a.impl, objective=a.objective, dtype=a.dtype, compile=a.compile, ac=a.ac,
-               grouped_mm=a.grouped_mm, malloc=a.malloc, nprocs=1, ep=1,
-               optimizer=a.optimizer if a.impl == "rnd1" else a.peer_optimizer)
+        res = time_steps(step, a, mcfg)
+    res.update({k: getattr(a, k) for k in ("hidden", "moe_inter", "heads", "kv_heads", "seq", "batch", "impl",
+                                           "objective", "dtype", "compile", "ac", "grouped_mm", "malloc", "nprocs")})
+    res["ep"] = a.ep if a.nprocs > 1 else 1
+    res["optimizer"] = a.optimizer if a.impl == "rnd1" else a.peer_optimizer
     return res
 
 
@@ -275,14 +276,13 @@ def parse(argv=None):
 def subprocess_variant(a, **changes) -> dict:
     """Run one variant in a fresh process (clean memory high-water mark)."""
     a = argparse.Namespace(**{**vars(a), **changes})
-    changes = {}
     launcher = [sys.executable]
     if a.nprocs > 1:
         if a.impl != "rnd1":
             raise SystemExit("--nprocs > 1 times this project's step only")
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={a.nprocs}"]
     args = [*launcher, os.path.abspath(__file__), "--json"]
-    for k, v in {**vars(a), **changes}.items():
+    for k, v in vars(a).items():
         if k in ("vs_hf", "vs_torchtitan", "table", "scaling", "json"):
             continue
         flag = "--" + k.replace("_", "-")
