@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Launch training with torchrun, in torchtitan's manner.
+# Launch training with torchrun (through rnd1.launch), in torchtitan's manner.
 #
 #   ./run_train.sh                                   # default: train_configs/debug_model.toml, 1 process
 #   NPROC=2 ./run_train.sh                           # 2 processes (default config: debug_model_ep.toml, EP 2)
@@ -24,7 +24,11 @@ else
   LAUNCH=(--standalone --nnodes=1)
 fi
 
-# On CPU torchrun pins each process to one OpenMP thread when NPROC > 1; a single process keeps
-# every core.
-exec python -m torch.distributed.run "${LAUNCH[@]}" --nproc_per_node="$NPROC" \
+# With NPROC > 1 each process gets one OpenMP thread, as torchrun would set (here without its
+# banner); a single process keeps every core. OMP_NUM_THREADS, when set, wins.
+if [[ "$NPROC" -gt 1 ]]; then export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}; fi
+
+# rnd1.launch is torchrun (same options) whose exit code is the trainer's: 2 on bad input, after
+# the trainer's one-line message and nothing else.
+exec python -m rnd1.launch "${LAUNCH[@]}" --nproc_per_node="$NPROC" \
   -m rnd1.train --config "$CONFIG_FILE" "$@"

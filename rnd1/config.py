@@ -64,7 +64,7 @@ def _pos_or_fill(v):
 class Job:
     """Where the run writes and what it prints."""
     dump_folder: str = _f("./outputs/run", "run folder: config.toml, metrics.jsonl, checkpoints, exports")
-    description: str = _f("", "free text describing the run")
+    description: str = _f("", "free text for people reading the run folder (kept in its config.toml, read by no code)")
     print_config: bool = _f(True, "print the resolved config at start-up")
 
 
@@ -73,8 +73,9 @@ class Model:
     """Architecture, initial weights' dtype, tokenizer."""
     name: str = _f("debug", "model preset: debug, debug_dense, qwen3_0.6b, qwen3_4b, qwen3_30b_a3b")
     hf_config: str = _f("", "Hugging Face model folder or config.json whose architecture replaces the preset")
-    init: Literal["pretrained", "random"] = _f(
-        "pretrained", "pretrained: weights from checkpoint.initial_load_path; random: the random-init baseline")
+    init: Literal["pretrained", "random", "auto"] = _f(
+        "pretrained", "pretrained: weights from checkpoint.initial_load_path (required); random: the random-init "
+                      "baseline (refuses a path); auto: pretrained when checkpoint.initial_load_path is set, else random")
     dtype: Literal["float32", "bfloat16"] = _f("float32", "dtype of the parameters (and optimiser state)")
     mask_token_id: int = _f(-1, "mask token id; -1: the tokenizer's (151669 for Qwen3, as RND1)")
     tokenizer_path: str = _f("byte", "'byte' (byte-level, for debug models) or a Qwen3 tokenizer folder / .tiktoken file")
@@ -98,7 +99,6 @@ class Objective:
 @dataclass
 class Optimizer:
     """AdamW with separate attention / non-attention groups (lr 0 freezes a group)."""
-    name: Literal["AdamW"] = _f("AdamW", "optimiser")
     lr_attention: float = _f(3e-4, "peak lr of q/k/v/o projections and q/k norms", _nonneg)
     lr_non_attention: float = _f(3e-4, "peak lr of embeddings, norms, MLPs, routers, experts, LM head", _nonneg)
     weight_decay_attention: float = _f(0.1, "weight decay of the attention group", _nonneg)
@@ -167,7 +167,6 @@ class Checkpoint:
     export_hf_at_end: bool = _f(False, "write a Hugging Face checkpoint to <dump_folder>/hf_export at the end")
     export_hf_format: Literal["rnd1", "rnd1_release"] = _f(
         "rnd1", "rnd1: config records attention/objective; rnd1_release: the layout RND1's released inference expects")
-    async_mode: Literal["disabled"] = _f("disabled", "asynchronous save (not implemented: only 'disabled')")
 
 
 @dataclass
@@ -185,7 +184,6 @@ class Parallelism:
 class Compile:
     """torch.compile per transformer block."""
     enable: bool = _f(False, "compile each transformer block")
-    components: list[str] = _f(["model"], "what to compile")
     backend: str = _f("inductor", "torch.compile backend")
     fullgraph: bool = _f(True, "fail on graph breaks")
 
@@ -201,7 +199,8 @@ class ActivationCheckpoint:
 class Metrics:
     """Logging."""
     log_freq: int = _f(10, "log every N steps", _pos)
-    save_jsonl: bool = _f(True, "write metrics.jsonl in the run folder")
+    save_jsonl: bool = _f(True, "write metrics.jsonl in the run folder (read by rnd1.tools.runs, the plot and "
+                                "compare scripts, scripts/fault_drill.py); false: console lines only")
     enable_tensorboard: bool = _f(False, "also write TensorBoard events (if installed)")
     peak_flops: float = _f(0.0, "per-process peak FLOP/s for MFU (0: measure a matmul)", _nonneg)
 
@@ -219,9 +218,9 @@ class Eval:
 
 @dataclass
 class Kernels:
-    """Backends of the hot ops (auto: Triton on CUDA, PyTorch reference on CPU)."""
+    """Backends of the hot ops (auto: Triton on CUDA, PyTorch reference on CPU). Token dispatch/combine has
+    no switch: the model's dispatcher (rnd1/model/moe.py) does not call kernels/token_dispatch.py."""
     grouped_mm: str = _f("auto", "expert matmul backend")
-    dispatch: str = _f("auto", "token dispatch/combine backend")
     cross_entropy: str = _f("auto", "masked cross-entropy backend")
 
 

@@ -15,26 +15,41 @@ import resource
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 
 def measure_matmul_peak(dtype: torch.dtype = torch.float32, n: int = 2048, reps: int = 5,
-                        device: str | torch.device = "cpu") -> float:
-    """Best FLOP/s of an n x n x n matmul over a few repetitions (after one warm-up)."""
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    a @ b
-    best = math.inf
-    for _ in range(reps):
-        if torch.cuda.is_available() and a.is_cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
+                        device: str | torch.device = "cpu", budget_s: float = 2.0) -> float:
+    """Best FLOP/s of a square matmul of ``dtype`` over ``reps`` timed runs (after one warm-up).
+
+    The size starts at 256 and doubles up to ``n`` only while the next size's runs are expected
+    to fit in ``budget_s`` (one size up costs about 8x). Where a matmul is slow (bf16 on a CPU
+    without bf16 units takes about a minute at n=2048) start-up then spends seconds here, not
+    minutes, and the peak comes from a smaller matmul: a device that slow is nowhere near a
+    datasheet number anyway."""
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+
+    def best_seconds(size: int) -> float:
+        a = torch.randn(size, size, device=device).to(dtype)
+        b = torch.randn(size, size, device=device).to(dtype)
         a @ b
-        if torch.cuda.is_available() and a.is_cuda:
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
+        best = math.inf
+        for _ in range(reps):
+            sync()
+            t0 = time.perf_counter()
+            a @ b
+            sync()
+            best = min(best, time.perf_counter() - t0)
+        return best
+
+    size = min(256, n)
+    best = best_seconds(size)
+    while size * 2 <= n and 8 * best * (reps + 1) <= budget_s:
+        size *= 2
+        best = best_seconds(size)
+    return 2 * size**3 / best
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -46,31 +61,51 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 class Throughput:
-    """Tokens/s, TFLOP/s and MFU over the steps since the last report."""
+    """Tokens/s, TFLOP/s and MFU over the steps since the last report.
 
-    def __init__(self, flops_per_token: float, peak_flops: float, world_size: int):
+    An MFU above 100% is a measurement error: the peak was measured low (a matmul timed while
+    other work shared the device or cores) or configured low. The first time it happens the peak
+    is measured again with ``remeasure_peak`` (when given) and the larger of the two kept; if MFU
+    is still above 100% it is reported as None with ``mfu_peak_too_low`` set, never as a number."""
+
+    def __init__(self, flops_per_token: float, peak_flops: float, world_size: int,
+                 remeasure_peak: Callable[[], float] | None = None,
+                 clock: Callable[[], float] = time.perf_counter):
         self.flops_per_token, self.peak_flops, self.world_size = flops_per_token, peak_flops, world_size
+        self._remeasure, self._clock = remeasure_peak, clock
         self.reset()
 
     def reset(self):
-        self._t0, self._tokens, self._steps = time.perf_counter(), 0, 0
+        self._t0, self._tokens, self._steps = self._clock(), 0, 0
 
     def update(self, tokens: int):
         self._tokens += tokens
         self._steps += 1
 
     def report(self) -> dict[str, float]:
-        dt = max(time.perf_counter() - self._t0, 1e-9)
+        dt = max(self._clock() - self._t0, 1e-9)
         tps = self._tokens / dt
         flops_per_proc = tps * self.flops_per_token / self.world_size
         out = {
             "tokens_per_s": tps,
             "step_time_s": dt / max(self._steps, 1),
             "tflops_per_proc": flops_per_proc / 1e12,
-            "mfu": flops_per_proc / self.peak_flops if self.peak_flops > 0 else float("nan"),
+            **self._mfu(flops_per_proc),
         }
         self.reset()
         return out
+
+    def _mfu(self, flops_per_proc: float) -> dict:
+        if self.peak_flops <= 0:
+            return {"mfu": float("nan")}
+        out = {}
+        if flops_per_proc > self.peak_flops and self._remeasure is not None:
+            remeasure, self._remeasure = self._remeasure, None  # once: a second timing would be as noisy
+            self.peak_flops = max(self.peak_flops, remeasure())
+            out["peak_tflops_remeasured"] = self.peak_flops / 1e12
+        if flops_per_proc > self.peak_flops:
+            return {**out, "mfu": None, "mfu_peak_too_low": True}
+        return {**out, "mfu": flops_per_proc / self.peak_flops}
 
 
 def router_balance(tokens_per_expert: torch.Tensor | None) -> dict[str, float]:
@@ -93,14 +128,18 @@ def format_eta(seconds: float) -> str:
 
 class MetricsLogger:
     """Writes one JSON line per logged step (rank 0), echoes a compact console line, and mirrors
-    scalars to TensorBoard when it is installed and enabled."""
+    scalars to TensorBoard when it is installed and enabled. ``save_jsonl=False``
+    (``metrics.save_jsonl``) keeps the console line and TensorBoard but writes no metrics.jsonl, for
+    runs whose folder must not grow or that log elsewhere; the run-reading tools then have nothing
+    to read."""
 
     CONSOLE_KEYS = (("loss", "loss {:.4f}"), ("val_loss", "val {:.4f}"), ("grad_norm", "gnorm {:.2f}"),
                     ("lr/attention", "lr_attn {:.2e}"), ("lr/non_attention", "lr {:.2e}"),
                     ("masked_frac", "masked {:.2f}"), ("tokens_per_s", "{:,.0f} tok/s"),
                     ("mfu", "mfu {:.1%}"), ("memory_gib", "mem {:.2f}GiB"))
 
-    def __init__(self, folder: str | Path | None, enabled: bool = True, tensorboard: bool = False):
+    def __init__(self, folder: str | Path | None, enabled: bool = True, tensorboard: bool = False,
+                 save_jsonl: bool = True):
         self.enabled = enabled
         self._file = None
         self._tb = None
@@ -108,9 +147,10 @@ class MetricsLogger:
             return
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        path = folder / "metrics.jsonl"
-        _drop_partial_last_line(path)
-        self._file = open(path, "a", buffering=1)
+        if save_jsonl:
+            path = folder / "metrics.jsonl"
+            _drop_partial_last_line(path)
+            self._file = open(path, "a", buffering=1)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -134,6 +174,8 @@ class MetricsLogger:
         for key, fmt in self.CONSOLE_KEYS:
             if key in metrics and metrics[key] is not None and not _isnan(metrics[key]):
                 parts.append(fmt.format(metrics[key]))
+            elif key == "mfu" and metrics.get("mfu_peak_too_low"):
+                parts.append("mfu n/a (>100%: peak FLOP/s measured too low)")
         if eta_s is not None:
             parts.append(f"eta {format_eta(eta_s)}")
         print("  ".join(parts), flush=True)

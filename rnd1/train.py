@@ -9,6 +9,8 @@ AdamW with per-group learning rates from the token-space schedule -> metrics -> 
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 import time
 from contextlib import nullcontext
@@ -16,13 +18,15 @@ from pathlib import Path
 
 import torch
 
-from rnd1.checkpoint.dcp import CheckpointManager
+from rnd1.checkpoint.dcp import CheckpointManager, checkpoint_info
 from rnd1.config import ConfigError, JobConfig, parse_args, validate
+from rnd1.data.shards import DataError
 from rnd1.diffusion.corruption import corrupt_rows
 from rnd1.diffusion.loss import objective_loss
 from rnd1.diffusion.objectives import build_targets
 from rnd1.metrics import MetricsLogger, Throughput, measure_matmul_peak, peak_memory_bytes, router_balance
 from rnd1.parallel.env import DistEnv, barrier, destroy, init_distributed
+from rnd1.parallel.fsdp import reshard_all
 from rnd1.training import build as B
 from rnd1.training.guards import NonFiniteGuard
 from rnd1.training.preemption import PreemptionHandler
@@ -37,17 +41,16 @@ class Trainer:
     def __init__(self, cfg: JobConfig, env: DistEnv):
         self.cfg, self.env = cfg, env
         self.run_dir = Path(cfg.job.dump_folder)
-        if env.is_rank0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.toml").write_text(cfg.to_toml())
-            if cfg.job.print_config:
-                print(cfg.to_toml(), flush=True)
+        if env.is_rank0 and cfg.job.print_config:
+            print(cfg.to_toml(), flush=True)
         torch.manual_seed(cfg.training.seed)
         if cfg.training.deterministic:
             torch.use_deterministic_algorithms(True)
 
         self.tokenizer = B.build_tokenizer(cfg)
         self.model_cfg = B.build_model_config(cfg, self.tokenizer)
+        if cfg.checkpoint.export_hf_at_end:  # a bad export setting fails now, not after the whole run
+            B.export_config(cfg, self.model_cfg, self.tokenizer)
         self.parallel = B.build_parallel_dims(cfg, env)
         self.datasets = B.ensure_datasets(cfg, self.tokenizer, self.model_cfg, env)
         self.batch = B.batch_plan(cfg, self.parallel)
@@ -59,14 +62,22 @@ class Trainer:
         self.ckpt = CheckpointManager(self.run_dir / cfg.checkpoint.folder, cfg.checkpoint.keep_latest_k)
         self.step, self.tokens_seen = 0, 0
         self.guard = NonFiniteGuard(cfg.training.max_nonfinite_skips)
-        self.metrics = MetricsLogger(self.run_dir, enabled=env.is_rank0, tensorboard=cfg.metrics.enable_tensorboard)
-        peak = cfg.metrics.peak_flops or measure_matmul_peak(
-            torch.bfloat16 if cfg.training.autocast == "bfloat16" or self.model_dtype == torch.bfloat16
-            else torch.float32, device=env.device)
-        self.peak_flops = peak
-        self.throughput = Throughput(self.model_cfg.flops_per_token(cfg.training.seq_len), peak, env.world_size)
+        dtype = torch.bfloat16 if cfg.training.autocast == "bfloat16" or self.model_dtype == torch.bfloat16 \
+            else torch.float32
+        # a configured peak is trusted; a measured one is measured again if MFU ever reads > 100%
+        remeasure = None if cfg.metrics.peak_flops else (lambda: measure_matmul_peak(dtype, device=env.device))
+        self.peak_flops = cfg.metrics.peak_flops or remeasure()
+        self.throughput = Throughput(self.model_cfg.flops_per_token(cfg.training.seq_len), self.peak_flops,
+                                     env.world_size, remeasure_peak=remeasure)
         self._resume()
         self._update_attention_mode()
+        # Every start-up check has passed, the resume checks included (they read the folder as the
+        # last run left it): only now is the run folder written, so a failed start leaves nothing.
+        if env.is_rank0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.toml").write_text(cfg.to_toml())
+        self.metrics = MetricsLogger(self.run_dir, enabled=env.is_rank0, tensorboard=cfg.metrics.enable_tensorboard,
+                                     save_jsonl=cfg.metrics.save_jsonl)
 
     @property
     def model_dtype(self) -> torch.dtype:
@@ -82,19 +93,47 @@ class Trainer:
         if latest is None:
             return
         step, path = latest
+        self._refuse_other_run(path)
         extra = self.ckpt.load(path, self.model, self.optimizer)
         self.step = step
-        if extra:
-            self.tokens_seen = extra["tokens_seen"]
-            self.schedule.load_state_dict(extra["schedule"])
+        same_layout = bool(extra)
+        if not same_layout:
+            # counters, schedule, guard and the loader's global position are the same on every
+            # rank, so rank 0's copy continues any layout; only the per-rank RNG state is lost
+            extra = self.ckpt.rank0_extra(path)
+        self.tokens_seen = extra["tokens_seen"]
+        self.schedule.load_state_dict(extra["schedule"])
+        try:
             self.train_loader.load_state_dict(extra["loader"])
-            self.guard.load_state_dict(extra.get("guard", {}))
+        except DataError as e:
+            raise B.StartupError(f"{path}: {e}") from e
+        self.guard.load_state_dict(extra.get("guard", {}))
+        if same_layout:
             torch.set_rng_state(extra["rng_cpu"])
         else:
-            self.tokens_seen = step * self.batch.global_batch_tokens
-            log0(self.env, f"{path} was written by another world size: model and optimiser restored, "
-                           f"data order restarts from the token count")
+            log0(self.env, f"{path} was written by another world size: model, optimiser and data position "
+                           f"restored (data continues at global sample {extra['loader']['global_samples']})")
         log0(self.env, f"resumed from {path} at step {step} ({self.tokens_seen:,} tokens)")
+
+    def _refuse_other_run(self, path: Path):
+        """A resume continues THIS run. A checkpoint trained with another objective, model or
+        tokenizer belongs to another run: loading it would fail deep inside DCP, or train the
+        wrong thing, or (a finished run) train nothing and exit 0 as if it had worked."""
+        info = checkpoint_info(path)
+        mine = {"objective.name": ("objective", self.cfg.objective.name),
+                "model": ("model_config", json.loads(json.dumps(self.model_cfg.to_hf_config()))),
+                "tokenizer": ("tokenizer", self.tokenizer.identity())}
+        for key, (meta_key, want) in mine.items():
+            have = info.get(meta_key)
+            if have is None or have == want:  # None: written before the key was recorded
+                continue
+            if isinstance(have, dict):  # name the first differing model config field
+                field = min(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+                key, have, want = f"model config {field}", have.get(field), want.get(field)
+            raise B.StartupError(
+                f"{self.run_dir}: checkpoint {path.name} was trained with {key}={have!r} but this config "
+                f"gives {want!r}; a resume must continue the same run: set job.dump_folder to a new folder "
+                f"(or run with the checkpoint's settings)")
 
     def save_checkpoint(self):
         extra = {
@@ -106,7 +145,7 @@ class Trainer:
         }
         path = self.ckpt.save(self.step, self.model, self.optimizer, extra,
                               meta={"tokens_seen": self.tokens_seen, "model_config": self.model_cfg.to_hf_config(),
-                                    "objective": self.cfg.objective.name})
+                                    "objective": self.cfg.objective.name, "tokenizer": self.tokenizer.identity()})
         log0(self.env, f"saved checkpoint {path}")
 
     # ----------------------------------------------------------------- recipe
@@ -146,6 +185,12 @@ class Trainer:
         batches = [next(self.train_loader) for _ in range(self.batch.grad_accum)]
         micro, num_targets_global = self._corrupt_microbatches(batches)
         aux_coef = B.aux_loss_coef(cfg, self.model_cfg)
+        # The aux loss of one micro-batch is a mean over its tokens. Like the CE term (divided by the
+        # global target count), it is summed over micro-batches here and over data-parallel ranks by
+        # FSDP, so each micro-batch's share is 1 / (grad_accum * dp_size): the term is then the mean
+        # over the global batch's micro-batches whatever the split (= local / global tokens, as every
+        # micro-batch holds local_batch_size x seq_len tokens), and aux_coef means the same on 1 rank or 64.
+        aux_scale = 1.0 / (self.batch.grad_accum * self.parallel.dp_size)
         loss_sum = torch.zeros((), device=dev)
         masked = torch.zeros((), device=dev)
         use_docs = cfg.training.document_masking
@@ -159,7 +204,7 @@ class Trainer:
                                      ce_backend=cfg.kernels.cross_entropy)
                 loss = out.loss * self.parallel.dp_loss_scale
                 if aux_coef > 0:
-                    loss = loss + aux_coef * self.model.moe_aux_loss() / self.batch.grad_accum
+                    loss = loss + aux_coef * self.model.moe_aux_loss() * aux_scale
             loss.backward()
             loss_sum += out.loss.detach()
             masked += c.masked.float().mean().to(dev) / self.batch.grad_accum
@@ -190,13 +235,15 @@ class Trainer:
         for i in range(cfg.eval.val_steps):
             batch = next(loader)
             x0 = batch["input_ids"]
+            # the same attention as in training: per-document when training.document_masking is on
+            doc_ids = batch["doc_ids"].to(self.env.device) if cfg.training.document_masking else None
             for j, t in enumerate(grid):
                 c = corrupt_rows(x0, cfg.objective.name, self.model_cfg.mask_token_id, seed=cfg.eval.val_seed + j,
                                  sample_ids=batch["sample_ids"], samples_per_step=1, fixed_t=t)
                 targets = build_targets(cfg.objective.name, x0, c.x_t, c.masked, c.t).to(self.env.device)
                 n = self.parallel.all_reduce_dp(targets.num_targets.float().to(self.env.device))
                 with self._autocast():
-                    hidden = self.model(c.x_t.to(self.env.device), return_hidden=True)
+                    hidden = self.model(c.x_t.to(self.env.device), doc_ids=doc_ids, return_hidden=True)
                     out = objective_loss(hidden, self.model.lm_head.weight, targets, n,
                                          ce_backend=cfg.kernels.cross_entropy)
                 total += self.parallel.all_reduce_dp(out.loss.float())
@@ -243,6 +290,8 @@ class Trainer:
                 if cfg.eval.interval and (self.step % cfg.eval.interval == 0 or last):
                     self.metrics.log(self.step, {"val_loss": self.validate(), "tokens": self.tokens_seen},
                                      prefix="[val] ")
+                if self.parallel.world_size > 1:
+                    reshard_all(self.model)  # after forwards without backward (rnd1/parallel/fsdp.py)
                 interval_hit = cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0
                 stop = preempt.should_stop(env.device)
                 if cfg.checkpoint.enable and (interval_hit or last or stop):
@@ -254,10 +303,19 @@ class Trainer:
             preempt.restore()
             self.metrics.close()
         if cfg.checkpoint.export_hf_at_end:
-            path = B.export_hf(cfg, self.model, self.run_dir, self.model_cfg)
+            path = B.export_hf(cfg, self.model, self.run_dir, self.model_cfg, self.tokenizer)
             log0(env, f"exported Hugging Face checkpoint to {path}")
         log0(env, f"done: {self.step} steps, {self.tokens_seen:,} tokens in "
                   f"{time.perf_counter() - t_start:.1f}s")
+
+
+def _bad_input(message: str) -> int:
+    """Exit code 2, after one line that names the culprit. Every rank meets the same bad input
+    (same config, same files), and copies from several ranks interleave, so only local rank 0 of
+    each node prints; the others exit with the same code, silently (rnd1.launch relies on it)."""
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        print(message, file=sys.stderr, flush=True)
+    return 2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -266,8 +324,8 @@ def main(argv: list[str] | None = None) -> int:
         env = init_distributed(cfg.training.device)
         validate(cfg, env.world_size)
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+        destroy()
+        return _bad_input(f"config error: {e}")
     if env.device.type == "cpu" and cfg.training.cpu_keep_freed_memory:
         from rnd1.training.cpu_malloc import keep_freed_memory
 
@@ -276,11 +334,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         Trainer(cfg, env).train()
     except B.StartupError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        barrier()
+        # no barrier: a rank that did not fail may be waiting in a collective (torchrun stops it)
         destroy()
+        return _bad_input(f"error: {e}")
+    barrier()
+    destroy()
     return 0
 
 

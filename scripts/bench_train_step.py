@@ -12,9 +12,9 @@ other in the same run (each variant in a fresh process).
     python scripts/bench_train_step.py --dtype fp32 --scaling    # MFU as the model grows
     python scripts/bench_train_step.py --dtype fp32 --profile 15 # torch.profiler top ops
 
-Prints tokens/s, step ms, TFLOP/s, MFU against a bf16/fp32 matmul peak measured in the same run,
-and peak memory (resident-set growth of the step, measured in a fresh subprocess per variant so
-earlier variants do not pollute it)."""
+Prints tokens/s, step ms, TFLOP/s, MFU against a bf16/fp32 matmul peak measured in the same run
+(or given with --peak-gflops), and peak memory (resident-set growth of the step, measured in a
+fresh subprocess per variant so earlier variants do not pollute it)."""
 
 from __future__ import annotations
 
@@ -269,6 +269,9 @@ def parse(argv=None):
                          "(seq 512 x batch 4, seq 2048 x batch 1), MFU against one peak measurement")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="profile this project's step (torch.profiler) and print the top N ops by self time")
+    ap.add_argument("--peak-gflops", type=float, default=0.0, metavar="G",
+                    help="matmul peak (GFLOP/s, both dtypes) for MFU instead of measuring one; tests use it, "
+                         "since a bf16 peak on a CPU without bf16 units takes a minute to measure")
     ap.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
@@ -283,7 +286,7 @@ def subprocess_variant(a, **changes) -> dict:
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={a.nprocs}"]
     args = [*launcher, os.path.abspath(__file__), "--json"]
     for k, v in vars(a).items():
-        if k in ("vs_hf", "vs_torchtitan", "table", "scaling", "json"):
+        if k in ("vs_hf", "vs_torchtitan", "table", "scaling", "json", "peak_gflops"):
             continue
         flag = "--" + k.replace("_", "-")
         if isinstance(v, bool):
@@ -310,12 +313,15 @@ def main(argv=None) -> int:
     if a.profile:
         profile_variant(a)
         return 0
-    peak_bf16 = measure_matmul_peak(torch.bfloat16, n=2048)
-    peak_fp32 = measure_matmul_peak(torch.float32, n=2048)
+    if a.peak_gflops > 0:
+        peak_bf16 = peak_fp32 = a.peak_gflops * 1e9
+    else:
+        peak_bf16 = measure_matmul_peak(torch.bfloat16, n=2048)
+        peak_fp32 = measure_matmul_peak(torch.float32, n=2048)
     mcfg = model_config(a)
     pc = mcfg.param_counts()
     print(f"model: {pc['total'] / 1e6:.1f}M params, {mcfg.flops_per_token(a.seq) / 1e6:.1f} MFLOP/token; "
-          f"seq {a.seq} x batch {a.batch}; matmul peak measured now: bf16 {peak_bf16 / 1e9:.0f} GFLOP/s, "
+          f"seq {a.seq} x batch {a.batch}; matmul peak {'given' if a.peak_gflops > 0 else 'measured now'}: bf16 {peak_bf16 / 1e9:.0f} GFLOP/s, "
           f"fp32 {peak_fp32 / 1e9:.0f} GFLOP/s")
     fpt = mcfg.flops_per_token(a.seq)
     print(f"ceiling (every FLOP at that peak): fp32 {peak_fp32 / fpt:,.0f} tok/s, bf16 {peak_bf16 / fpt:,.0f} tok/s")

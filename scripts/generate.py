@@ -12,7 +12,6 @@ tokens/s."""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from rnd1.generate import STRATEGIES, ar_generate, diffusion_generate
 
 def load_model(checkpoint: str, model: str, objective: str):
     from rnd1.checkpoint.dcp import is_dcp_checkpoint, load_model_weights
-    from rnd1.checkpoint.hf import load_pretrained
+    from rnd1.checkpoint.hf import load_pretrained, model_config_from_hf
     from rnd1.model.config import ModelConfig, get_preset
     from rnd1.model.qwen3 import build_model
 
@@ -37,7 +36,7 @@ def load_model(checkpoint: str, model: str, objective: str):
         if saved is not None and not model:  # the trainer records the exact config (mask id included)
             cfg = ModelConfig.from_hf_config(saved)
         elif p is not None and p.exists():
-            cfg = ModelConfig.from_hf_config(json.loads((p / "config.json" if p.is_dir() else p).read_text()))
+            cfg = model_config_from_hf(p)
         elif model:
             cfg = get_preset(model)
         else:

@@ -166,6 +166,11 @@ class CheckpointManager:
             return {}
         return torch.load(extra_file, weights_only=False)
 
+    def rank0_extra(self, path: Path) -> dict:
+        """Rank 0's extra state, for a resume on another world size: the parts every rank holds
+        identically (counters, schedule, layout-independent loader state) restore any layout."""
+        return torch.load(path / "extra_rank0.pt", weights_only=False)
+
 
 def resolve_checkpoint_dir(path: str | Path) -> Path:
     """A step folder, or a checkpoint root (then its newest complete step)."""

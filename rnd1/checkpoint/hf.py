@@ -51,11 +51,15 @@ class HFCheckpointError(ValueError):
 
 # ----------------------------------------------------------------------------- config
 def read_hf_config(path: str | Path) -> dict:
-    """Parsed ``config.json`` of a checkpoint folder, with errors that name the file."""
+    """Parsed ``config.json`` of a checkpoint folder (or the file itself), with errors that name
+    the file."""
     path = Path(path)
-    if not path.is_dir():
+    if path.is_file() and path.suffix == ".json":
+        path, cfg_file = path.parent, path
+    elif not path.is_dir():
         raise HFCheckpointError(f"{path}: not a directory (expected a Hugging Face checkpoint folder)")
-    cfg_file = path / CONFIG_NAME
+    else:
+        cfg_file = path / CONFIG_NAME
     if not cfg_file.is_file():
         raise HFCheckpointError(f"{path}: no {CONFIG_NAME} (expected a Hugging Face checkpoint folder)")
     try:
@@ -67,14 +71,23 @@ def read_hf_config(path: str | Path) -> dict:
     return hf
 
 
-def model_config_from_hf(path: str | Path, **overrides) -> ModelConfig:
-    """``ModelConfig`` of a checkpoint folder (``overrides`` e.g. ``mask_token_id=...``)."""
-    hf = read_hf_config(path)
+def model_config_from_dict(hf: dict, where: str | Path, **overrides) -> ModelConfig:
+    """``ModelConfig`` of a parsed config.json. ``model_type`` ``rnd1`` (RND1's release layout,
+    which our ``rnd1_release`` export writes) is a Qwen3-MoE with other names for the same fields."""
+    if hf.get("model_type") == "rnd1":
+        hf = {**hf, "model_type": "qwen3_moe"}
     try:
         return ModelConfig.from_hf_config(hf, **overrides)
     except (ModelConfigError, KeyError, TypeError) as e:
         what = f"missing key {e}" if isinstance(e, KeyError) else str(e)
-        raise HFCheckpointError(f"{Path(path) / CONFIG_NAME}: {what}") from e
+        raise HFCheckpointError(f"{where}: {what}") from e
+
+
+def model_config_from_hf(path: str | Path, **overrides) -> ModelConfig:
+    """``ModelConfig`` of a checkpoint folder (``overrides`` e.g. ``mask_token_id=...``)."""
+    path = Path(path)
+    return model_config_from_dict(read_hf_config(path), path if path.suffix == ".json" else path / CONFIG_NAME,
+                                  **overrides)
 
 
 # ----------------------------------------------------------------------------- names
@@ -257,12 +270,14 @@ def load_state_dict_from_hf(path: str | Path, model: torch.nn.Module, *, copy_fn
     path = Path(path)
     _check_config(path, model)
     cfg = model.config if isinstance(getattr(model, "config", None), ModelConfig) else model_config_from_hf(path)
-    plan = _plan(path, {n: p.shape for n, p in model.named_parameters()}, cfg)
+    # canonical names: a trainer loads into blocks already wrapped for activation checkpointing
+    # (and maybe compilation), whose parameter names carry the wrappers' segments
+    plan = _plan(path, {canonical_name(n): p.shape for n, p in model.named_parameters()}, cfg)
     _load(plan, path, model, copy_fn)
 
 
 def _load(plan: _Plan, path: Path, model: torch.nn.Module, copy_fn: CopyFn | None) -> None:
-    params = dict(model.named_parameters())
+    params = {canonical_name(n): p for n, p in model.named_parameters()}
     shapes = {n: p.shape for n, p in params.items()}
     if copy_fn is None:
         meta = [n for n, p in params.items() if p.is_meta]
@@ -382,11 +397,15 @@ def _rank0() -> bool:
 
 def save_pretrained(model: Qwen3, path: str | Path, max_shard_size: int | str = "5GB",
                     dtype: torch.dtype | None = None, extra_config: dict | None = None, *,
-                    extra_files: Iterable[str | Path] = (), overwrite: bool = False) -> Path:
+                    extra_files: Iterable[str | Path] = (), extra_json: dict[str, dict] | None = None,
+                    overwrite: bool = False) -> Path:
     """Write ``model`` as a HF checkpoint folder that ``transformers`` loads: per-expert names,
     safetensors shards of at most ``max_shard_size`` (+ index), config.json (+ ``extra_config``
-    entries) and copies of ``extra_files`` (e.g. tokenizer files). Written to a temporary folder
-    and renamed into place. With sharded (DTensor) parameters every rank must call; rank 0 writes."""
+    entries), copies of ``extra_files`` (e.g. tokenizer files) and ``extra_json`` ({file name:
+    content}, e.g. generation_config.json). Written to a temporary folder and renamed into place.
+    Every file gets config.json's mode (safetensors alone would write 0600, unreadable to the
+    group that reads the rest). With sharded (DTensor) parameters every rank must call; rank 0
+    writes."""
     cfg = getattr(model, "config", None)
     if not isinstance(cfg, ModelConfig):
         raise HFCheckpointError(f"save_pretrained: model has no ModelConfig .config (got {type(cfg).__name__})")
@@ -396,6 +415,12 @@ def save_pretrained(model: Qwen3, path: str | Path, max_shard_size: int | str = 
     for f in extra_files:
         if not f.is_file():
             raise HFCheckpointError(f"save_pretrained: extra file {f} does not exist")
+    names = [f.name for f in extra_files] + list(extra_json or {})
+    clash = sorted({n for n in names if names.count(n) > 1 or n in (CONFIG_NAME, INDEX_NAME)
+                    or n.endswith(".safetensors")})
+    if clash:
+        raise HFCheckpointError(f"save_pretrained: extra file name {clash[0]!r} is given twice or is "
+                                f"one the checkpoint itself writes")
     if path.exists() and not overwrite and (not path.is_dir() or any(path.iterdir())):
         raise HFCheckpointError(f"{path}: already exists and is not empty (pass overwrite=True)")
 
@@ -446,9 +471,13 @@ def save_pretrained(model: Qwen3, path: str | Path, max_shard_size: int | str = 
         hf_cfg["dtype"] = str(dtype or params[0][1].dtype).removeprefix("torch.")
         hf_cfg.update(extra_config or {})
         (tmp / CONFIG_NAME).write_text(json.dumps(hf_cfg, indent=2, sort_keys=True) + "\n")
+        for name, content in (extra_json or {}).items():
+            (tmp / name).write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
         for f in extra_files:
-            shutil.copy2(f, tmp / f.name)
+            shutil.copyfile(f, tmp / f.name)  # not copy2: a read-only source must not stay read-only
+        mode = (tmp / CONFIG_NAME).stat().st_mode & 0o777  # what open() gives under this umask
         for f in tmp.iterdir():
+            f.chmod(mode)
             fsync_path(f)
         fsync_path(tmp)
         if path.exists():
@@ -463,3 +492,130 @@ def save_pretrained(model: Qwen3, path: str | Path, max_shard_size: int | str = 
         if write and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+# ----------------------------------------------------------------------------- export for inference
+EXPORT_FORMATS = ("rnd1", "rnd1_release")
+GENERATION_CONFIG_NAME = "generation_config.json"
+# The files of a Hugging Face tokenizer folder (a model folder holds weights too: those stay).
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+                      "special_tokens_map.json", "added_tokens.json", "chat_template.jinja")
+RND1_DIFFUSION_STEPS = 256  # RND1Config's and RND1GenerationConfig's default
+
+
+@dataclass(frozen=True)
+class ExportPlan:
+    """Everything an export writes besides the weights, computed (and checked) before any file is
+    written, so a bad tokenizer or format fails at once and never leaves a partial folder."""
+
+    config: dict  # config.json entries on top of the architecture
+    generation: dict  # generation_config.json
+    tokenizer: dict  # rnd1_tokenizer.json
+    files: tuple[Path, ...]  # tokenizer files copied verbatim
+
+    def save_kwargs(self) -> dict:
+        from rnd1.data.tokenizer import TOKENIZER_DESCRIPTOR
+
+        return dict(extra_config=self.config, extra_files=self.files,
+                    extra_json={GENERATION_CONFIG_NAME: self.generation, TOKENIZER_DESCRIPTOR: self.tokenizer})
+
+
+def _json_file(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise HFCheckpointError(f"{path}: malformed JSON ({e})") from e
+
+
+def _special_ids(tokenizer, folder: Path | None) -> tuple[int, int]:
+    """(eos, pad) of the exported model. A Hugging Face tokenizer folder names them in
+    tokenizer_config.json (Qwen3: eos <|im_end|> 151645, pad <|endoftext|> 151643, as RND1-Base),
+    and what transformers' tokenizer reports for the copied files must be what config.json says.
+    Without that file (byte tokenizer, .tiktoken) the tokenizer's own end-of-text is both."""
+    eos = pad = tokenizer.eos_id
+    cfg_file = folder / "tokenizer_config.json" if folder is not None else None
+    if cfg_file is None or not cfg_file.is_file():
+        return eos, pad
+    tc = _json_file(cfg_file)
+    ids = {}
+    for key in ("eos_token", "pad_token"):
+        tok = tc.get(key) if isinstance(tc, dict) else None
+        tok = tok.get("content") if isinstance(tok, dict) else tok
+        if tok is None:
+            continue
+        if tok not in tokenizer.special_tokens:
+            raise HFCheckpointError(f"{cfg_file}: {key} {tok!r} is not a special token of the tokenizer "
+                                    f"(expected one of {', '.join(sorted(tokenizer.special_tokens)[:4])}, ...)")
+        ids[key] = tokenizer.special_tokens[tok]
+    eos = ids.get("eos_token", eos)
+    return eos, ids.get("pad_token", eos)
+
+
+def _tokenizer_files(source: Path) -> tuple[tuple[Path, ...], str | None]:
+    """(files to copy, the descriptor's ``file``) for a tokenizer path: a .tiktoken file, a HF
+    tokenizer (or model) folder, or a folder rnd1 exported earlier (which may hold either)."""
+    from rnd1.data.tokenizer import TOKENIZER_DESCRIPTOR
+
+    if source.is_file():
+        return (source,), source.name
+    desc = source / TOKENIZER_DESCRIPTOR
+    recorded = _json_file(desc) if desc.is_file() else None
+    named = recorded.get("file") if isinstance(recorded, dict) else None
+    files = [source / n for n in HF_TOKENIZER_FILES if (source / n).is_file()]
+    if named:
+        files.append(source / named)
+    return tuple(files), named
+
+
+def plan_export(mcfg: ModelConfig, fmt: str, tokenizer, tokenizer_source: str | Path | None, *,
+                attention: str, objective: str | None) -> ExportPlan:
+    """What makes an exported folder a complete checkpoint for ``fmt``:
+
+    - ``rnd1``: the Qwen3 / Qwen3-MoE config (AutoModelForCausalLM loads it) plus an ``rnd1``
+      block (attention, objective, mask id) for rnd1's own generation;
+    - ``rnd1_release``: the layout of RND1's released inference code (model_type ``rnd1``,
+      ``RND1LM``, Qwen3-MoE weight names, MoE in every layer, untied head, bidirectional).
+
+    Both carry the tokenizer's eos / pad / mask ids in config.json and generation_config.json
+    (RND1's ``from_pretrained`` needs the latter), the run's tokenizer files, and
+    rnd1_tokenizer.json so ``load_tokenizer(folder)`` rebuilds the exact tokenizer."""
+    from rnd1.data.tokenizer import ByteTokenizer, describe_tokenizer
+
+    if fmt not in EXPORT_FORMATS:
+        raise HFCheckpointError(f"export format {fmt!r} unknown; expected one of {EXPORT_FORMATS}")
+    if attention not in ATTENTION_MODES:
+        raise HFCheckpointError(f"attention {attention!r} unknown; expected one of {ATTENTION_MODES}")
+    byte = isinstance(tokenizer, ByteTokenizer)
+    source = None if tokenizer_source is None or str(tokenizer_source) == "byte" else Path(tokenizer_source)
+    if source is None and not byte:
+        raise HFCheckpointError(f"tokenizer {tokenizer.name!r} is not the byte tokenizer: give the path "
+                                f"it was loaded from, so its files go into the export")
+    if source is not None and not source.exists():
+        raise HFCheckpointError(f"tokenizer source {source} does not exist")
+    files, file = ((), None) if byte else _tokenizer_files(source)
+    eos, pad = _special_ids(tokenizer, None if byte or source.is_file() else source)
+    ids = {"eos_token_id": eos, "pad_token_id": pad, "mask_token_id": tokenizer.mask_id}
+    if mcfg.mask_token_id != tokenizer.mask_id:
+        raise HFCheckpointError(f"model mask_token_id {mcfg.mask_token_id} differs from the tokenizer's "
+                                f"mask id {tokenizer.mask_id}")
+    outside = [f"{k}={v}" for k, v in ids.items() if not 0 <= v < mcfg.vocab_size]
+    if outside:
+        raise HFCheckpointError(f"tokenizer {tokenizer.name!r}: {', '.join(outside)} outside the model's "
+                                f"vocabulary [0, {mcfg.vocab_size})")
+    meta = {"attention": attention, "objective": objective, "mask_token_id": tokenizer.mask_id}
+    config = {**ids, "rnd1": {k: v for k, v in meta.items() if v is not None}}
+    generation = dict(ids)
+    if fmt == "rnd1_release":
+        problems = []
+        if not mcfg.is_moe or len(mcfg.moe_layer_ids) != mcfg.num_hidden_layers:
+            problems.append("a Qwen3-MoE with MoE in every layer (RND1 has no dense layers)")
+        if mcfg.tie_word_embeddings:
+            problems.append("an untied LM head (RND1LM keeps its own lm_head)")
+        if attention != "bidirectional":
+            problems.append(f"bidirectional attention (RND1 attention is never causal; got {attention})")
+        if problems:
+            raise HFCheckpointError("format 'rnd1_release' needs " + "; ".join(problems))
+        config.update(model_type="rnd1", architectures=["RND1LM"], moe_backend="hf",
+                      num_diffusion_steps=RND1_DIFFUSION_STEPS, use_cache=False)
+        generation.update(num_diffusion_steps=RND1_DIFFUSION_STEPS, use_cache=False)
+    return ExportPlan(config, generation, describe_tokenizer(tokenizer, file), files)

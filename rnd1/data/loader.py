@@ -3,13 +3,20 @@ data-parallel ranks, with a resumable state.
 
 Each source is cut into non-overlapping windows of ``seq_len`` tokens (documents are packed
 back to back with EOS between them, so a window may span documents; ``doc_ids`` numbers the
-documents inside each window for optional per-document attention masking). Windows are visited
-in a seeded random order per epoch; rank r of W takes every W-th window, so ranks never see the
-same window. For every sequence the source is drawn with probability proportional to its
-weight (the paper mixes web, math, code, instruction and encyclopedic data this way).
+documents inside each window for optional per-document attention masking). Each source visits
+its windows in a seeded random order per epoch.
 
-Everything is a pure function of (seed, rank, counters), so the state is just the counters:
-a loader restored from ``state_dict()`` yields exactly the batches an uninterrupted one would.
+The data is ONE global stream of samples, defined without reference to the layout: global
+sample g draws its source from a seeded uniform keyed by g (probability proportional to the
+mixture weight; the paper mixes web, math, code, instruction and encyclopedic data this way)
+and takes that source's next window, i.e. its n-th window where n counts the earlier global
+samples that drew the same source. Rank r of W produces global samples r, r + W, r + 2W, ...
+So ranks never see the same window within an epoch, and the stream does not depend on the
+number of ranks, the micro-batch size or gradient accumulation: a run resumed on another world
+size continues at the same global sample (the corruption noise is keyed by the same index).
+
+Everything is a pure function of (seed, weights, global index), so the state is the global
+position plus one counter per source, identical on every rank.
 """
 
 from __future__ import annotations
@@ -19,36 +26,33 @@ import torch
 
 from rnd1.data.shards import DataError, TokenSplit
 
+# Source draws come in blocks of this many global samples (one generator per block): a rank
+# has to count every global sample's draw, including the other ranks', to know its own windows.
+_PICK_BLOCK = 4096
+
 
 class _Source:
-    def __init__(self, split: TokenSplit, seq_len: int, eos_id: int, seed: int, index: int,
-                 rank: int, world: int):
-        self.split, self.seq_len, self.eos_id = split, seq_len, eos_id
+    def __init__(self, split: TokenSplit, seq_len: int, seed: int, index: int, world: int):
+        self.split, self.seq_len = split, seq_len
         self.num_windows = len(split) // seq_len
         if self.num_windows < world:
             raise DataError(f"{split.name}: {len(split)} tokens make {self.num_windows} windows of seq_len "
                             f"{seq_len}, fewer than the {world} data-parallel ranks")
-        self.per_rank = self.num_windows // world  # drop the remainder so every rank has the same count
-        self.seed, self.index, self.rank, self.world = seed, index, rank, world
-        self.epoch, self.pos = 0, 0
+        self.seed, self.index = seed, index
         self._cached_epoch, self._cached_order = -1, None
 
-    def _order(self, epoch: int) -> np.ndarray:
+    def window(self, n: int) -> np.ndarray:
+        """The n-th window this source hands out: epoch n // num_windows visits every window once."""
+        epoch, pos = divmod(n, self.num_windows)
         if self._cached_epoch != epoch:
             rng = np.random.default_rng([self.seed, self.index, epoch])
             self._cached_order, self._cached_epoch = rng.permutation(self.num_windows), epoch
-        return self._cached_order
-
-    def next_window(self) -> np.ndarray:
-        if self.pos >= self.per_rank:
-            self.epoch, self.pos = self.epoch + 1, 0
-        w = int(self._order(self.epoch)[self.pos * self.world + self.rank])
-        self.pos += 1
+        w = int(self._cached_order[pos])
         return self.split.slice(w * self.seq_len, self.seq_len)
 
 
 class PackedLoader:
-    """Iterator of ``{"input_ids": LongTensor[B, L], "doc_ids": IntTensor[B, L]}``."""
+    """Iterator of ``{"input_ids": LongTensor[B, L], "doc_ids": IntTensor[B, L], "sample_ids": LongTensor[B]}``."""
 
     def __init__(self, splits: list[TokenSplit], *, seq_len: int, batch_size: int, eos_id: int,
                  weights: list[float] | None = None, seed: int = 0, dp_rank: int = 0, dp_world_size: int = 1):
@@ -59,49 +63,80 @@ class PackedLoader:
             raise DataError(f"mixture weights {weights} must be {len(splits)} non-negative numbers with a "
                             f"positive sum")
         self.probs = np.asarray(weights, dtype=np.float64) / sum(weights)
-        self.sources = [_Source(s, seq_len, eos_id, seed, i, dp_rank, dp_world_size) for i, s in enumerate(splits)]
+        self.sources = [_Source(s, seq_len, seed, i, dp_world_size) for i, s in enumerate(splits)]
         self.seq_len, self.batch_size, self.eos_id = seq_len, batch_size, eos_id
         self.seed, self.rank, self.world = seed, dp_rank, dp_world_size
-        self.samples = 0  # sequences produced by this rank
-        self.tokens_per_source = [0] * len(splits)
+        self.start = 0  # global index where this rank's interleaving began (0, or a restored position)
+        self.samples = 0  # sequences produced by this rank since ``start``
+        self._scanned = 0  # global samples [0, _scanned) are counted in _drawn
+        self._drawn = [0] * len(splits)  # per source: how many of those global samples drew it
+        self._block: tuple[int, np.ndarray | None] = (-1, None)
 
     def __iter__(self):
         return self
 
-    def _pick_source(self) -> int:
+    def _block_picks(self, b: int) -> np.ndarray:
+        if self._block[0] != b:
+            u = np.random.default_rng([self.seed, 1_000_003, b]).random(_PICK_BLOCK)
+            k = np.searchsorted(np.cumsum(self.probs), u, side="right")
+            self._block = (b, np.minimum(k, len(self.sources) - 1))
+        return self._block[1]
+
+    def _picks(self, lo: int, hi: int) -> np.ndarray:
+        """The source drawn by each global sample in [lo, hi)."""
         if len(self.sources) == 1:
-            return 0
-        u = np.random.default_rng([self.seed, 1_000_003, self.rank, self.samples]).random()
-        return int(min(np.searchsorted(np.cumsum(self.probs), u, side="right"), len(self.sources) - 1))
+            return np.zeros(max(hi - lo, 0), dtype=np.int64)
+        parts = []
+        while lo < hi:
+            b, off = divmod(lo, _PICK_BLOCK)
+            n = min(hi - lo, _PICK_BLOCK - off)
+            parts.append(self._block_picks(b)[off:off + n])
+            lo += n
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+    def _counts(self, lo: int, hi: int) -> np.ndarray:
+        return np.bincount(self._picks(lo, hi), minlength=len(self.sources))
+
+    def _take(self, g: int) -> np.ndarray:
+        """Global sample g's window (g >= every sample this rank took before)."""
+        self._drawn = [d + int(c) for d, c in zip(self._drawn, self._counts(self._scanned, g))]
+        k = int(self._picks(g, g + 1)[0])
+        n = self._drawn[k]
+        self._drawn[k] += 1
+        self._scanned = g + 1
+        return self.sources[k].window(n)
 
     def __next__(self) -> dict[str, torch.Tensor]:
-        rows = []
-        # global sample index: the position of this sequence in the rank-interleaved stream
-        # (rank r's s-th sequence is global sample s * world + r), independent of the layout
-        first = self.samples
-        sample_ids = torch.arange(first, first + self.batch_size) * self.world + self.rank
-        for _ in range(self.batch_size):
-            k = self._pick_source()
-            rows.append(self.sources[k].next_window())
-            self.tokens_per_source[k] += self.seq_len
-            self.samples += 1
+        # rank r's s-th sequence is global sample start + s * world + r
+        sample_ids = self.start + (torch.arange(self.batch_size) + self.samples) * self.world + self.rank
+        rows = [self._take(int(g)) for g in sample_ids]
+        self.samples += self.batch_size
         ids = torch.from_numpy(np.stack(rows).astype(np.int64))
         return {"input_ids": ids, "doc_ids": document_ids(ids, self.eos_id), "sample_ids": sample_ids}
 
     def state_dict(self) -> dict:
-        return {"samples": self.samples, "tokens_per_source": list(self.tokens_per_source),
-                "cursors": [(s.epoch, s.pos) for s in self.sources], "seed": self.seed, "rank": self.rank}
+        """Layout-independent: the first global sample no rank has produced yet and, per source,
+        how many earlier global samples drew it. Every rank returns the same dict (all ranks have
+        produced the same number of samples), so any rank's copy restores any layout."""
+        boundary = self.start + self.samples * self.world
+        drawn = [d + int(c) for d, c in zip(self._drawn, self._counts(self._scanned, boundary))]
+        return {"global_samples": boundary, "source_samples": drawn, "seed": self.seed}
 
     def load_state_dict(self, state: dict) -> None:
-        if len(state["cursors"]) != len(self.sources):
-            raise DataError(f"loader state has {len(state['cursors'])} sources, this run has {len(self.sources)}")
-        self.samples = state["samples"]
-        self.tokens_per_source = list(state["tokens_per_source"])
-        for s, (epoch, pos) in zip(self.sources, state["cursors"]):
-            s.epoch, s.pos = epoch, pos
+        missing = {"global_samples", "source_samples"} - set(state)
+        if missing:
+            raise DataError(f"loader state lacks {sorted(missing)} (has {sorted(state)}): it was written by an "
+                            f"older rnd1 whose data order depended on the world size; start a new run")
+        if len(state["source_samples"]) != len(self.sources):
+            raise DataError(f"loader state has {len(state['source_samples'])} sources, this run has "
+                            f"{len(self.sources)}")
+        self.start = self._scanned = int(state["global_samples"])
+        self._drawn = [int(n) for n in state["source_samples"]]
+        self.samples = 0
 
     def epochs(self) -> list[int]:
-        return [s.epoch for s in self.sources]
+        """Per source: the epoch of the next window it hands out (as far as this rank has counted)."""
+        return [d // s.num_windows for d, s in zip(self._drawn, self.sources)]
 
 
 def document_ids(ids: torch.Tensor, eos_id: int) -> torch.Tensor:

@@ -398,16 +398,22 @@ def load_tokenizer(path: str | Path | None, *, mask_id: int | None = None, mask_
                    eos_token: str = QWEN3_EOS, byte_vocab_size: int = BYTE_VOCAB_SIZE) -> Tokenizer:
     """``"byte"`` or None -> ByteTokenizer(byte_vocab_size); a folder with tokenizer.json (or
     vocab.json + merges.txt) or a ``.tiktoken`` rank file -> QwenTokenizer. ``mask_id`` defaults to
-    RND1's 151669 (257 for bytes; the byte tokenizer's layout is fixed)."""
+    RND1's 151669 (257 for bytes; the byte tokenizer's layout is fixed). A checkpoint folder that
+    rnd1 exported holds ``rnd1_tokenizer.json``, which says how to rebuild the run's tokenizer."""
     if path is None or str(path) == "byte":
         if mask_id not in (None, 257):
             raise TokenizerError(f"byte tokenizer: mask_id is fixed at 257, got {mask_id}")
         return ByteTokenizer(byte_vocab_size, mask_token=mask_token)
     p = Path(path)
-    mask_id = RND1_MASK_ID if mask_id is None else mask_id
     if not p.exists():
         raise TokenizerError(f"tokenizer path {p} does not exist; expected 'byte', a Qwen3 tokenizer "
                              f"folder or a .tiktoken file")
+    if p.is_dir() and (p / TOKENIZER_DESCRIPTOR).is_file():
+        return _from_descriptor(p / TOKENIZER_DESCRIPTOR, mask_id)
+    return _load_bpe(p, RND1_MASK_ID if mask_id is None else mask_id, mask_token, eos_token)
+
+
+def _load_bpe(p: Path, mask_id: int, mask_token: str, eos_token: str) -> QwenTokenizer:
     if p.is_file():
         if p.suffix != ".tiktoken":
             raise TokenizerError(f"{p}: expected a tokenizer folder or a .tiktoken rank file")
@@ -425,3 +431,38 @@ def load_tokenizer(path: str | Path | None, *, mask_id: int | None = None, mask_
     added = {t: i for t, i in added.items() if inverse.get(i) != t.encode()}
     return QwenTokenizer(ranks, added, name=str(p), pattern=pattern, eos_token=eos_token,
                          mask_id=mask_id, mask_token=mask_token)
+
+
+# --------------------------------------------------------------------------- exported checkpoints
+TOKENIZER_DESCRIPTOR = "rnd1_tokenizer.json"
+
+
+def describe_tokenizer(tok: Tokenizer, file: str | None = None) -> dict:
+    """What an exported checkpoint folder records so that ``load_tokenizer(folder)`` rebuilds
+    ``tok``: the byte tokenizer has no files at all, a ``.tiktoken`` rank file (``file``, copied
+    beside) knows nothing of the mask id, and the identity catches files edited after the export."""
+    eos = next(t for t, i in tok.special_tokens.items() if i == tok.eos_id)
+    return {"kind": "byte" if isinstance(tok, ByteTokenizer) else "bpe", "file": file,
+            "vocab_size": tok.vocab_size, "eos_token": eos, "eos_token_id": tok.eos_id,
+            "mask_token": tok.mask_token, "mask_token_id": tok.mask_id, "identity": tok.identity()}
+
+
+def _from_descriptor(path: Path, mask_id: int | None) -> Tokenizer:
+    d = _read_json(path)
+    keys = ("kind", "file", "vocab_size", "eos_token", "mask_token", "mask_token_id", "identity")
+    if not isinstance(d, dict) or d.get("kind") not in ("byte", "bpe") or any(k not in d for k in keys):
+        raise TokenizerError(f"{path}: expected an object with kind 'byte' or 'bpe' and keys {', '.join(keys)}")
+    if mask_id is not None and mask_id != d["mask_token_id"]:
+        raise TokenizerError(f"{path}: mask_id {mask_id} asked for, but this checkpoint was trained with "
+                             f"mask id {d['mask_token_id']}")
+    if d["kind"] == "byte":
+        tok: Tokenizer = ByteTokenizer(d["vocab_size"], mask_token=d["mask_token"])
+    else:
+        src = path.parent / d["file"] if d["file"] else path.parent
+        if not src.exists():
+            raise TokenizerError(f"{path}: names tokenizer file {d['file']!r}, which is not in {path.parent}")
+        tok = _load_bpe(src, d["mask_token_id"], d["mask_token"], d["eos_token"])
+    if tok.identity() != d["identity"]:
+        raise TokenizerError(f"{path}: the tokenizer files give identity {tok.identity()} but the export "
+                             f"recorded {d['identity']} (files changed after the export?)")
+    return tok

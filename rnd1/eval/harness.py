@@ -32,11 +32,10 @@ from rnd1.generate import ar_generate, diffusion_generate
 
 
 def _load(checkpoint: str, model: str, objective: str):
-    import json
     from pathlib import Path
 
     from rnd1.checkpoint.dcp import checkpoint_info, is_dcp_checkpoint, load_model_weights
-    from rnd1.checkpoint.hf import load_pretrained
+    from rnd1.checkpoint.hf import load_pretrained, model_config_from_hf
     from rnd1.model.config import ModelConfig, get_preset
     from rnd1.model.qwen3 import build_model
 
@@ -46,8 +45,7 @@ def _load(checkpoint: str, model: str, objective: str):
     saved = checkpoint_info(checkpoint).get("model_config")
     if model:
         p = Path(model)
-        cfg = ModelConfig.from_hf_config(json.loads((p / "config.json" if p.is_dir() else p).read_text())) \
-            if p.exists() else get_preset(model)
+        cfg = model_config_from_hf(p) if p.exists() else get_preset(model)
     elif saved:
         cfg = ModelConfig.from_hf_config(saved)
     else:

@@ -7,7 +7,7 @@ Backends (``set_grouped_mm_backend``, from ``[kernels] grouped_mm``):
 - ``loop``: one ``torch.mm`` per non-empty group (the kernels' reference path). On this
   project's 2-core CPU it was as fast as ``F.grouped_mm`` at MoE shapes; one host read of the
   offsets per call, inside the custom op.
-- ``torch``: ``torch.nn.functional.grouped_mm``.
+- ``torch``: ``torch.nn.functional.grouped_mm`` (no host sync: rows past the last group are masked).
 - ``kernels``: ``kernels.grouped_gemm.grouped_mm`` with backend ``auto`` (Triton on CUDA, the
   reference on CPU), registered as a custom op so compiled blocks keep a full graph.
 - ``auto``: ``kernels``.
@@ -45,10 +45,10 @@ def loop_grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> tor
 
 def _torch_grouped_mm(x, w, offs):
     out = F.grouped_mm(x, w, offs=offs)
-    n = int(offs[-1]) if offs.numel() else 0
-    if n < x.shape[0]:  # rows past the last offset are left uninitialised by grouped_mm
-        out = torch.cat([out[:n], out.new_zeros(x.shape[0] - n, out.shape[1])])
-    return out
+    # Rows past the last offset are left uninitialised by grouped_mm: zero them with a mask
+    # rather than a host read of offs[-1], so the op stays sync-free and traceable.
+    rows = torch.arange(x.shape[0], device=x.device)
+    return torch.where((rows < offs[-1]).unsqueeze(1), out, out.new_zeros(()))
 
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:

@@ -48,15 +48,29 @@ class GroupedExperts(nn.Module):
         self.up_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
 
+        self._compute = swiglu_experts
+
     @property
     def num_local_experts(self) -> int:
         return self.gate_proj.shape[0]
 
+    def compile_compute(self, **compile_kwargs) -> None:
+        """Compile the expert maths alone (not the module call, around which FSDP2 may hook when
+        the experts are sharded on their own mesh): see rnd1/parallel/compile.py."""
+        self._compute = torch.compile(swiglu_experts, **compile_kwargs)
+
     def forward(self, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
         """x [N, H] rows sorted by expert; offs [E_local] int32 cumulative row ends."""
-        gate = grouped_mm(x, self.gate_proj.transpose(-2, -1), offs)
-        up = grouped_mm(x, self.up_proj.transpose(-2, -1), offs)
-        return grouped_mm(F.silu(gate) * up, self.down_proj.transpose(-2, -1), offs)
+        return self._compute(x, self.gate_proj, self.up_proj, self.down_proj, offs)
+
+
+def swiglu_experts(x: torch.Tensor, gate_w: torch.Tensor, up_w: torch.Tensor, down_w: torch.Tensor,
+                   offs: torch.Tensor) -> torch.Tensor:
+    """SwiGLU of every expert over its rows: three grouped matmuls. Weights [E, out, in] in the
+    Hugging Face layout; rows past ``offs[-1]`` come out zero."""
+    gate = grouped_mm(x, gate_w.transpose(-2, -1), offs)
+    up = grouped_mm(x, up_w.transpose(-2, -1), offs)
+    return grouped_mm(F.silu(gate) * up, down_w.transpose(-2, -1), offs)
 
 
 class TokenDispatcher(Protocol):
@@ -72,6 +86,10 @@ class TokenDispatcher(Protocol):
 
     def combine(self, y: torch.Tensor, ctx: Any) -> torch.Tensor: ...
 
+    #: True when dispatch/combine have no data-dependent host values, so a compiled block can
+    #: contain them; False makes rnd1.parallel.compile compile the block around the dispatcher.
+    traceable: bool
+
 
 @dataclass
 class _LocalCtx:
@@ -81,7 +99,9 @@ class _LocalCtx:
 
 class LocalDispatcher:
     """Single-process dispatch: a stable sort of the T*k (token, slot) pairs by expert id. No host
-    synchronisation: the output has exactly T*k rows."""
+    synchronisation: the output has exactly T*k rows, so it traces into a compiled block."""
+
+    traceable = True  # torch.compile can put dispatch and combine inside the block's graph
 
     def dispatch(self, x, topk_ids, topk_weights, num_experts):
         T, k = topk_ids.shape

@@ -25,10 +25,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed._functional_collectives as funcol
-import torch.nn.functional as F
 from torch.distributed.tensor import DTensor, Shard
 
-from rnd1.model.grouped_mm import grouped_mm
 from rnd1.model.moe import GroupedExperts, LocalDispatcher, MoE
 
 
@@ -48,6 +46,14 @@ class _EPCtx:
 
 
 class AllToAllDispatcher:
+    """Expert-parallel transport. One host synchronisation per layer forward: the split sizes of
+    the row exchange (``all_to_all_single`` takes them as Python ints), read in a single
+    ``tolist`` together with the total the regrouping needs. The backward re-uses them."""
+
+    # The split sizes are data-dependent host values: torch.compile cannot trace through
+    # dispatch/combine, so rnd1.parallel.compile compiles the block around them.
+    traceable = False
+
     def __init__(self, group, ep_size: int, ep_rank: int):
         self.group, self.ep, self.ep_rank = group, ep_size, ep_rank
         self._local = LocalDispatcher()
@@ -56,17 +62,18 @@ class AllToAllDispatcher:
         e_local = num_experts // self.ep
         x_sorted, offs, local_ctx = self._local.dispatch(x, topk_ids, topk_weights, num_experts)
         counts = torch.diff(offs.long(), prepend=offs.new_zeros(1).long())  # [E] rows per global expert
-        # [ep * e_local] in (source rank, local expert) order
+        # the one counts exchange of this layer: [ep * e_local] in (source rank, local expert) order
         recv_counts = funcol.wait_tensor(funcol.all_to_all_single(counts, None, None, self.group))
-        send_splits = counts.view(self.ep, e_local).sum(1).tolist()
         recv_by_src = recv_counts.view(self.ep, e_local)
-        recv_splits = recv_by_src.sum(1).tolist()
+        # the one host sync of this layer: send splits, receive splits (their sum is the total)
+        splits = torch.stack([counts.view(self.ep, e_local).sum(1), recv_by_src.sum(1)]).tolist()
+        send_splits, recv_splits = splits
         received = all_to_all(x_sorted, recv_splits, send_splits, self.group)
         # Regroup (source, expert) -> (expert, source): the grouped GEMM wants each expert contiguous.
         starts = torch.cumsum(recv_by_src.flatten(), 0) - recv_by_src.flatten()
         starts = starts.view(self.ep, e_local).t().flatten()  # segment starts in (expert, source) order
         lens = recv_by_src.t().flatten()
-        regroup = _segment_indices(starts, lens)
+        regroup = _segment_indices(starts, lens, total=sum(recv_splits))
         local_offs = torch.cumsum(recv_by_src.sum(0), 0).to(torch.int32)
         return received.index_select(0, regroup), local_offs, _EPCtx(local_ctx, send_splits, recv_splits, regroup)
 
@@ -76,15 +83,15 @@ class AllToAllDispatcher:
         return self._local.combine(returned, ctx.local_ctx)
 
 
-def _segment_indices(starts: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
-    """Concatenate arange(starts[i], starts[i] + lens[i]) for all i, without a Python loop."""
-    total = int(lens.sum())
+def _segment_indices(starts: torch.Tensor, lens: torch.Tensor, total: int) -> torch.Tensor:
+    """Concatenate arange(starts[i], starts[i] + lens[i]) for all i, without a Python loop.
+    ``total`` = lens.sum(), known on the host already: passing it as ``output_size`` spares
+    ``repeat_interleave`` a device-to-host read of its own."""
     if total == 0:
         return torch.zeros(0, dtype=torch.long, device=starts.device)
-    seg = torch.repeat_interleave(torch.arange(len(lens), device=starts.device), lens)
-    offsets_in_seg = torch.arange(total, device=starts.device) - torch.repeat_interleave(
-        torch.cumsum(lens, 0) - lens, lens)
-    return starts[seg] + offsets_in_seg
+    seg = torch.repeat_interleave(torch.arange(len(lens), device=starts.device), lens, output_size=total)
+    seg_start = torch.cumsum(lens, 0) - lens
+    return starts[seg] + torch.arange(total, device=starts.device) - seg_start[seg]
 
 
 class EPGroupedExperts(GroupedExperts):
@@ -92,10 +99,12 @@ class EPGroupedExperts(GroupedExperts):
     the local shard (the experts this rank owns). Installed by swapping the module's class."""
 
     def forward(self, x, offs):
-        gate, up, down = (p.to_local() if isinstance(p, DTensor) else p
+        # When EP spans every data-parallel rank, FSDP leaves the experts alone (nothing to shard
+        # or reduce), so its mixed-precision cast does not reach them either: cast here to the
+        # activations' dtype (autograd brings the gradient back in the parameter's dtype).
+        gate, up, down = ((p.to_local() if isinstance(p, DTensor) else p).to(x.dtype)
                           for p in (self.gate_proj, self.up_proj, self.down_proj))
-        h = F.silu(grouped_mm(x, gate.transpose(-2, -1), offs)) * grouped_mm(x, up.transpose(-2, -1), offs)
-        return grouped_mm(h, down.transpose(-2, -1), offs)
+        return self._compute(x, gate, up, down, offs)
 
 
 def apply_expert_parallel(model: torch.nn.Module, ep_mesh) -> None:

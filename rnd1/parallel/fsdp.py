@@ -82,3 +82,20 @@ def _sum_gradients(module) -> None:
     """Reduce gradients with a plain SUM (no averaging, no PREMUL_SUM: gloo has neither)."""
     module.set_gradient_divide_factor(1.0)
     module.set_force_sum_reduction_for_comms(True)
+
+
+def reshard_all(model: torch.nn.Module) -> None:
+    """Free every gathered parameter, returning FSDP to the state a training step leaves.
+
+    A forward without backward (validation, task scoring, sampling) leaves the modules that do
+    not reshard after forward (by default the last block) gathered, since only post-backward
+    would free them. The next training forward then skips their all-gather while its
+    recomputation in backward performs it; selective activation checkpointing, which replays
+    the recorded ops of a checkpointed region one by one (the experts' own FSDP hooks run inside
+    it under EP x FSDP), sees ops it never recorded and stops the run. Call after every
+    no-grad use of the training model."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()

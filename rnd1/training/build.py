@@ -176,11 +176,14 @@ def build_and_load_model(cfg, mcfg: ModelConfig, dims: ParallelDims, env: DistEn
     model.to_empty(device=env.device)
     model.to(dtype)
     src = cfg.checkpoint.initial_load_path
-    if cfg.model.init == "random":
-        model.init_weights(seed=cfg.training.seed)
+    init = cfg.model.init
+    if init == "auto":  # the debug configs: one flag (the path) turns a random-init run into a conversion
+        init = "pretrained" if src else "random"
+    if init == "random":
         if src:
-            raise StartupError("model.init='random' but checkpoint.initial_load_path is set; "
-                               "choose one")
+            raise StartupError(f"model.init='random' but checkpoint.initial_load_path={src!r} is set; choose "
+                               f"one (model.init='auto' or 'pretrained' loads the path)")
+        model.init_weights(seed=cfg.training.seed)
     else:
         if not src:
             raise StartupError("model.init='pretrained' needs checkpoint.initial_load_path (a Hugging Face "
@@ -238,28 +241,26 @@ def build_optimizer_and_schedule(cfg, model, batch: BatchPlan):
 
 
 # --------------------------------------------------------------------------- export
-def export_config(cfg, mcfg: ModelConfig, fmt: str) -> dict:
-    """config.json entries that tell downstream users how to run the exported model.
+def export_config(cfg, mcfg: ModelConfig, tokenizer):
+    """What the Hugging Face export writes besides the weights (``rnd1.checkpoint.hf.plan_export``
+    for ``checkpoint.export_hf_format``): config.json entries, generation_config.json, the run's
+    tokenizer files. Cheap and collective-free, so it can also run at start-up to fail early."""
+    from rnd1.checkpoint.hf import HFCheckpointError, plan_export
 
-    ``rnd1``: the Qwen3 / Qwen3-MoE config plus an ``rnd1`` block (attention, objective, mask id).
-    ``rnd1_release``: the layout of RND1's released inference code (RND1-Base: model_type
-    ``rnd1``, Qwen3-MoE weight names, mask 151669, EOS <|im_end|> 151645, pad 151643)."""
+    fmt = cfg.checkpoint.export_hf_format
     attention = "bidirectional" if cfg.objective.name != "ar" else "causal"
-    extra = {"mask_token_id": mcfg.mask_token_id,
-             "rnd1": {"attention": attention, "objective": cfg.objective.name, "mask_token_id": mcfg.mask_token_id}}
-    if fmt == "rnd1_release":
-        if not mcfg.is_moe:
-            raise StartupError("checkpoint.export_hf_format='rnd1_release' needs a Qwen3-MoE model")
-        extra.update(model_type="rnd1", architectures=["RND1LM"], eos_token_id=151645, pad_token_id=151643,
-                     moe_backend="hf", num_diffusion_steps=256, use_cache=False)
-    return extra
+    try:
+        return plan_export(mcfg, fmt, tokenizer, cfg.model.tokenizer_path, attention=attention,
+                           objective=cfg.objective.name)
+    except HFCheckpointError as e:
+        raise StartupError(f"checkpoint.export_hf_format={fmt!r} (model.tokenizer_path="
+                           f"{cfg.model.tokenizer_path!r}): {e}") from e
 
 
-def export_hf(cfg, model, run_dir: Path, mcfg: ModelConfig) -> Path:
+def export_hf(cfg, model, run_dir: Path, mcfg: ModelConfig, tokenizer) -> Path:
     """Collective under FSDP (every rank calls it; rank 0 writes)."""
     from rnd1.checkpoint.hf import save_pretrained
 
     out = run_dir / "hf_export"
-    save_pretrained(model, out, extra_config=export_config(cfg, mcfg, cfg.checkpoint.export_hf_format),
-                    overwrite=True)
+    save_pretrained(model, out, overwrite=True, **export_config(cfg, mcfg, tokenizer).save_kwargs())
     return out

@@ -114,7 +114,7 @@ def test_ranks_see_disjoint_windows(tmp_path):
     seen = []
     for r in range(3):
         ld = _loader([sp], dp_rank=r, dp_world_size=3, batch_size=1)
-        n = ld.sources[0].per_rank
+        n = ld.sources[0].num_windows // 3
         seen.append({tuple(next(ld)["input_ids"][0].tolist()) for _ in range(n)})
     assert not (seen[0] & seen[1]) and not (seen[0] & seen[2]) and not (seen[1] & seen[2])
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -298,26 +299,39 @@ def _export_main():
 
 def test_export_script_hf_to_hf_and_dcp_to_hf(tmp_path):
     main = _export_main()
-    model = build_model(get_preset("debug"), seed=5)
-    save_pretrained(model, tmp_path / "hf")
-    (tmp_path / "hf" / "tokenizer.json").write_text("{}")
-    main([str(tmp_path / "hf"), str(tmp_path / "hf16"), "--dtype", "bfloat16", "--attention",
-          "bidirectional", "--objective", "mdlm"])
-    out = tmp_path / "hf16"
-    assert json.loads((out / "config.json").read_text())["rnd1"]["attention"] == "bidirectional"
-    assert (out / "tokenizer.json").is_file()
-    m16 = load_pretrained(out, dtype=torch.bfloat16)
-    assert torch.equal(m16.layers[0].mlp.experts.down_proj, model.layers[0].mlp.experts.down_proj.bfloat16())
-
+    model = build_model(get_preset("debug", mask_token_id=257), seed=5)
     from rnd1.checkpoint.dcp import CheckpointManager
 
     CheckpointManager(tmp_path / "dcp").save(7, model, None, {})
     with pytest.raises(SystemExit, match="--model-config"):
         main([str(tmp_path / "dcp"), str(tmp_path / "fromdcp")])
-    main([str(tmp_path / "dcp"), str(tmp_path / "fromdcp"), "--model-config", "debug"])
-    back = load_pretrained(tmp_path / "fromdcp")
+    with pytest.raises(SystemExit, match="holds no tokenizer files: pass --tokenizer"):
+        main([str(tmp_path / "dcp"), str(tmp_path / "fromdcp"), "--model-config", "debug"])
+    assert not (tmp_path / "fromdcp").exists()
+    # the preset's mask id (511) gives way to the tokenizer's (257), as in the trainer
+    main([str(tmp_path / "dcp"), str(tmp_path / "fromdcp"), "--model-config", "debug", "--tokenizer", "byte",
+          "--format", "rnd1_release", "--objective", "a2d"])
+    out = tmp_path / "fromdcp"
+    conf = json.loads((out / "config.json").read_text())
+    assert conf["model_type"] == "rnd1" and conf["rnd1"] == {"attention": "bidirectional", "objective": "a2d",
+                                                            "mask_token_id": 257}
+    assert (conf["eos_token_id"], conf["pad_token_id"]) == (256, 256)
+    assert (out / "generation_config.json").is_file() and (out / "rnd1_tokenizer.json").is_file()
+    back = load_pretrained(out)
     for (k, a), b in zip(model.state_dict().items(), back.state_dict().values()):
         assert torch.equal(a, b), k
+
+    # re-export: format, attention, objective and tokenizer come from the input folder
+    main([str(out), str(tmp_path / "bf16"), "--dtype", "bfloat16"])
+    again = tmp_path / "bf16"
+    conf16 = json.loads((again / "config.json").read_text())
+    assert {k: v for k, v in conf16.items() if k != "dtype"} == {k: v for k, v in conf.items() if k != "dtype"}
+    assert conf16["dtype"] == "bfloat16"
+    assert (again / "generation_config.json").read_text() == (out / "generation_config.json").read_text()
+    m16 = load_pretrained(again, dtype=torch.bfloat16)
+    assert torch.equal(m16.layers[0].mlp.experts.down_proj, model.layers[0].mlp.experts.down_proj.bfloat16())
+    main([str(out), str(tmp_path / "plain"), "--format", "rnd1"])
+    assert json.loads((tmp_path / "plain" / "config.json").read_text())["model_type"] == "qwen3_moe"
 
 
 # --------------------------------------------------------------------------- sharded (DTensor) params
@@ -356,3 +370,166 @@ def test_fsdp_sharded_model_loads_and_saves(tmp_path):
     back = load_pretrained(tmp_path / "out")
     for (k, a), b in zip(model.state_dict().items(), back.state_dict().values()):
         assert torch.equal(a, b), k
+
+
+# --------------------------------------------------------------------------- complete exports (both layouts)
+def _tiny_hf_tokenizer(folder: Path) -> Path:
+    """A Qwen2-style tokenizer folder in miniature: 256 byte tokens + 'ab', <|endoftext|> 257,
+    <|im_end|> 258; like Qwen3's, it names eos <|im_end|> and pad <|endoftext|>."""
+    from rnd1.data.tokenizer import _unicode_to_byte
+
+    byte_to_char = {b: ch for ch, b in _unicode_to_byte().items()}
+    folder.mkdir()
+    (folder / "vocab.json").write_text(json.dumps({byte_to_char[b]: b for b in range(256)} | {"ab": 256}))
+    (folder / "merges.txt").write_text("#version: 0.2\na b\n")
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "Qwen2Tokenizer", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+        "added_tokens_decoder": {"257": {"content": "<|endoftext|>", "special": True},
+                                 "258": {"content": "<|im_end|>", "special": True}}}))
+    (folder / "merges.txt").chmod(0o444)  # a read-only source must not make a read-only export
+    return folder
+
+
+def _export(model, out, fmt, tokenizer, source, **kw):
+    from rnd1.checkpoint.hf import plan_export
+
+    plan = plan_export(model.config, fmt, tokenizer, source, attention="bidirectional", objective="a2d")
+    return save_pretrained(model, out, **plan.save_kwargs(), **kw)
+
+
+def _transformers_model(out: Path):
+    """transformers has no RND1 class: the rnd1_release config is a Qwen3-MoE one under another
+    model_type, so its weights load into Qwen3MoeForCausalLM with the model_type mapped."""
+    from transformers import AutoModelForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    conf = json.loads((out / "config.json").read_text())
+    if conf["model_type"] != "rnd1":
+        return AutoModelForCausalLM.from_pretrained(out).float().eval()
+    config = Qwen3MoeConfig(**{k: v for k, v in conf.items() if k not in ("model_type", "architectures")})
+    return Qwen3MoeForCausalLM.from_pretrained(out, config=config).float().eval()
+
+
+def _file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+@pytest.mark.parametrize("fmt", ["rnd1", "rnd1_release"])
+@pytest.mark.parametrize("tok_kind", ["byte", "hf_folder"])
+def test_export_loads_in_rnd1_and_transformers_with_the_tokenizers_ids(fmt, tok_kind, tmp_path):
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from rnd1.data.tokenizer import load_tokenizer
+
+    source = "byte" if tok_kind == "byte" else _tiny_hf_tokenizer(tmp_path / "tok")
+    tok = load_tokenizer(source, mask_id=None if tok_kind == "byte" else 259)
+    # byte: eos = pad = 256, mask 257; the HF folder names eos <|im_end|> 258, pad <|endoftext|> 257
+    want = {"eos_token_id": 256, "pad_token_id": 256} if tok_kind == "byte" else {"eos_token_id": 258,
+                                                                                  "pad_token_id": 257}
+    want["mask_token_id"] = tok.mask_id
+    model = build_model(get_preset("debug", mask_token_id=tok.mask_id), seed=4)
+    out = _export(model, tmp_path / "export", fmt, tok, source, max_shard_size="300KB")
+
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "generation_config.json", "rnd1_tokenizer.json", "model.safetensors.index.json"} <= names
+    if tok_kind == "hf_folder":
+        assert {"vocab.json", "merges.txt", "tokenizer_config.json"} <= names
+    assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()} == dict.fromkeys(names, _file_mode())
+
+    conf = json.loads((out / "config.json").read_text())
+    gen = json.loads((out / "generation_config.json").read_text())
+    assert {k: conf[k] for k in want} == {k: gen[k] for k in want} == want
+    assert conf["model_type"] == ("rnd1" if fmt == "rnd1_release" else "qwen3_moe")
+    assert GenerationConfig.from_pretrained(out).eos_token_id == want["eos_token_id"]
+    back = load_tokenizer(out)
+    assert (back.identity(), back.eos_id, back.mask_id) == (tok.identity(), tok.eos_id, tok.mask_id)
+    if tok_kind == "hf_folder":
+        hf_tok = AutoTokenizer.from_pretrained(out)
+        assert (hf_tok.eos_token_id, hf_tok.pad_token_id) == (want["eos_token_id"], want["pad_token_id"])
+        assert hf_tok("abc<|im_end|>").input_ids == tok.encode("abc<|im_end|>") == [256, 99, 258]
+
+    ours = load_pretrained(out, attention="bidirectional")
+    assert ours.config == model.config
+    for (k, a), b in zip(model.state_dict().items(), ours.state_dict().values()):
+        assert torch.equal(a, b), k
+    model.set_attention_mode("bidirectional")
+    ref = _transformers_model(out)
+    x = _ids(vocab=256)
+    with torch.no_grad():
+        visible = torch.zeros(x.shape[0], 1, x.shape[1], x.shape[1])  # bidirectional, as in the existing oracle
+        assert (ref(x, attention_mask=visible).logits - model(x)).abs().max().item() <= 1e-4
+    assert ref.config.pad_token_id == want["pad_token_id"] < ref.config.vocab_size
+
+
+@pytest.mark.parametrize("source", ["folder", "tiktoken"])
+def test_release_export_with_the_real_qwen3_tokenizer(source, tmp_path):
+    """The flagship's case: Qwen3 files give RND1-Base's ids (eos <|im_end|> 151645, pad
+    <|endoftext|> 151643, mask 151669); a bare .tiktoken file names no eos, so its end-of-text
+    151643 is both. Either way the folder reloads the exact tokenizer."""
+    from rnd1.data.tokenizer import load_tokenizer
+    from rnd1.model.config import ModelConfig
+
+    shared = REPO.parent / "shared" / "data"  # beside the repo, not in it (tests/conftest.py)
+    path = shared / "qwen3_tokenizer" if source == "folder" else shared / "qwen.tiktoken"
+    if not path.exists():
+        pytest.skip(f"the real Qwen3 tokenizer files are not present at {shared}")
+    tok = load_tokenizer(path)
+    cfg = ModelConfig(vocab_size=151936, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, head_dim=8, intermediate_size=32, moe_intermediate_size=8,
+                      num_experts=2, num_experts_per_tok=1, mask_token_id=tok.mask_id)
+    out = _export(build_model(cfg, seed=0), tmp_path / "export", "rnd1_release", tok, path, dtype=torch.bfloat16)
+    gen = json.loads((out / "generation_config.json").read_text())
+    eos, pad = (151645, 151643) if source == "folder" else (151643, 151643)
+    assert (gen["eos_token_id"], gen["pad_token_id"], gen["mask_token_id"]) == (eos, pad, 151669)
+    assert load_tokenizer(out).identity() == tok.identity()
+    if source == "folder":
+        from transformers import AutoTokenizer
+
+        names = {p.name for p in out.iterdir()}
+        assert {"tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"} <= names
+        hf_tok = AutoTokenizer.from_pretrained(out)
+        assert (hf_tok.eos_token_id, hf_tok.pad_token_id) == (eos, pad)
+    else:
+        assert (out / "qwen.tiktoken").is_file()
+
+
+def test_export_refusals_name_the_problem_and_write_nothing(tmp_path):
+    from rnd1.checkpoint.hf import plan_export
+    from rnd1.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer("byte")
+    moe = get_preset("debug", mask_token_id=257)
+
+    def refused(cfg, match, fmt="rnd1_release", attention="bidirectional", source="byte"):
+        with pytest.raises(HFCheckpointError, match=match):
+            plan_export(cfg, fmt, tok, source, attention=attention, objective="a2d")
+
+    refused(get_preset("debug_dense", mask_token_id=257), "MoE in every layer")
+    refused(moe.replace(mlp_only_layers=[1]), "MoE in every layer")
+    refused(moe.replace(tie_word_embeddings=True), "untied LM head")
+    refused(moe, "bidirectional attention .*got causal", attention="causal")
+    refused(moe.replace(mask_token_id=300), "model mask_token_id 300 differs from the tokenizer's mask id 257",
+            fmt="rnd1")
+    refused(moe, "export format 'hf' unknown", fmt="hf")
+    folder = _tiny_hf_tokenizer(tmp_path / "tok")
+    conf = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**conf, "eos_token": "</s>"}))
+    with pytest.raises(HFCheckpointError, match=r"tokenizer_config.json: eos_token '</s>' is not a special token"):
+        _export(build_model(moe.replace(mask_token_id=259)), tmp_path / "out", "rnd1",
+                load_tokenizer(folder, mask_id=259), folder)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_load_tokenizer_refuses_an_export_whose_files_changed(tmp_path):
+    from rnd1.data.tokenizer import TokenizerError, load_tokenizer
+
+    folder = _tiny_hf_tokenizer(tmp_path / "tok")
+    out = _export(build_model(get_preset("debug", mask_token_id=259)), tmp_path / "export", "rnd1",
+                  load_tokenizer(folder, mask_id=259), folder)
+    with pytest.raises(TokenizerError, match="mask_id 300 asked for, but this checkpoint was trained with mask id 259"):
+        load_tokenizer(out, mask_id=300)
+    conf = out / "tokenizer_config.json"
+    conf.write_text(conf.read_text().replace("<|im_end|>", "<|im_stop|>"))  # another special token
+    with pytest.raises(TokenizerError, match=r"rnd1_tokenizer.json: the tokenizer files give identity .* but the"):
+        load_tokenizer(out)

@@ -18,7 +18,8 @@ CASES = [
     (2, 1, "none", 0, "debug_dense"),  # dense model, tied embeddings under FSDP
     (2, 1, "none", 1, "debug"),  # torch.compile per block (fullgraph) under FSDP
     (2, 1, "selective", 1, "debug"),  # compiled blocks with selective recompute
-    (2, 2, "none", 2, "debug"),  # compile with EP 2 (fullgraph=False: the all-to-all splits graph-break)
+    (4, 2, "selective", 1, "debug"),  # the 30B recipe's layout: EP 2 x FSDP 2, selective recompute, compiled
+    # around the all-to-all with fullgraph=True (rnd1/parallel/compile.py)
 ]
 
 

@@ -1,0 +1,211 @@
+"""Rehearse a shipped config on CPU: the same run, shrunk only in size.
+
+A config for a GPU cluster (Qwen3-30B-A3B, EP 8 on 64 ranks, selective recompute, compile, bf16
+mixed precision) cannot be started here as it is, but every setting that decides *which code
+runs* can: the objective and attention recipe, the schedule, compile and its ``fullgraph``,
+activation checkpointing, mixed precision, expert parallelism under FSDP, checkpointing,
+validation and export. A rehearsal keeps all of those and changes only sizes:
+
+=====================  ==========================================================================
+model                  the ``debug`` preset (MoE) or ``debug_dense`` (dense), byte tokenizer
+initial weights        a pretrained config loads a tiny Hugging Face folder of that preset
+batch                  sequences of 64 tokens, 2 per micro-batch; 2 accumulation steps if the
+                       config sets a global batch (cluster configs accumulate), 1 otherwise
+length                 4 optimiser steps, in the config's own unit (steps or a token budget);
+                       token counts (grafting switch, warmup, sqrt-LR base batch) scaled by the
+                       same ratio, so the grafting switch still happens mid-run
+processes              EP e -> EP min(e, 2); a cluster preset runs on 2 x EP ranks (EP x FSDP,
+                       at most 4) or 2 ranks (FSDP); a debug preset on EP ranks (how its
+                       run_train.sh line starts it)
+intervals              validation, task scoring and checkpoints every 2 steps; loss logged every step
+data                   one small byte-level dataset in place of each of the config's datasets
+=====================  ==========================================================================
+
+The reference is the same shrunken run in one process, eager, without expert parallelism: same
+global batch, same samples and masks (noise is keyed by global sample index), so its losses
+must match the rehearsal's up to float noise (bf16 noise when the config computes in bf16).
+``scripts/rehearse_config.py`` runs one config; ``tests/test_shipped_configs.py`` runs all.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rnd1.config import JobConfig, load_config
+from rnd1.model.config import get_preset
+
+REPO = Path(__file__).resolve().parents[2]
+SEQ_LEN, MICRO_BATCH, STEPS, MAX_PROCS = 64, 2, 4, 4
+DEBUG_PRESETS = ("debug", "debug_dense")
+
+
+@dataclass
+class Rehearsal:
+    config: Path
+    preset: str  # the tiny preset standing in for the config's model
+    nproc: int
+    overrides: dict[str, object]  # the shrunk run: sizes only
+    reference_overrides: dict[str, object]  # + 1 process, eager, no EP
+    rel_tol: float  # float noise allowed between the two loss curves
+    notes: list[str] = field(default_factory=list)
+
+
+def _config_total_tokens(cfg: JobConfig) -> float:
+    t = cfg.training
+    if t.total_tokens > 0:
+        return float(t.total_tokens)
+    per_step = t.global_batch_tokens or t.local_batch_size * t.seq_len  # world size unknown: 1
+    return float(t.steps * per_step)
+
+
+def plan(config: str | Path, *, data: str | Path, pretrained: dict[str, str | Path], out: str | Path) -> Rehearsal:
+    """The shrunk overrides for ``config``. ``pretrained`` maps a tiny preset name to a Hugging
+    Face folder of it (see ``write_tiny_pretrained``)."""
+    config = Path(config)
+    cfg = load_config(config)
+    base = get_preset(cfg.model.name) if not cfg.model.hf_config else None
+    is_moe = base.is_moe if base is not None else True
+    preset = "debug" if is_moe else "debug_dense"
+    t, p, o, s = cfg.training, cfg.parallelism, cfg.objective, cfg.lr_schedule
+
+    ep = min(p.expert_parallel_degree, 2)
+    if cfg.model.name in DEBUG_PRESETS:
+        nproc = ep
+    else:
+        nproc = min(MAX_PROCS, 2 * ep) if ep > 1 else 2
+    accum = 2 if t.global_batch_tokens > 0 else 1
+    gbt = MICRO_BATCH * SEQ_LEN * nproc * accum
+    total = STEPS * gbt
+    ratio = total / _config_total_tokens(cfg)
+
+    ov: dict[str, object] = {
+        "job.dump_folder": str(Path(out) / "run"), "job.print_config": False,
+        "model.name": preset, "model.hf_config": "", "model.tokenizer_path": "byte", "model.mask_token_id": -1,
+        "training.seq_len": SEQ_LEN, "training.local_batch_size": MICRO_BATCH, "training.global_batch_tokens": gbt,
+        "data.datasets": "[" + ", ".join(json.dumps(str(data)) for _ in cfg.data.datasets) + "]",
+        "data.prepare": "", "metrics.log_freq": 1,
+        "parallelism.expert_parallel_degree": ep,
+    }
+    if t.total_tokens > 0:
+        ov["training.total_tokens"] = total
+    else:
+        ov["training.steps"] = STEPS
+    if p.data_parallel_shard_degree > 0:
+        ov["parallelism.data_parallel_shard_degree"] = nproc // p.data_parallel_replicate_degree
+    if cfg.checkpoint.initial_load_path:
+        ov["checkpoint.initial_load_path"] = str(pretrained[preset])
+        ov["checkpoint.initial_load_format"] = "hf"
+    if o.grafting_tokens > 0:
+        ov["objective.grafting_tokens"] = max(1, round(o.grafting_tokens * ratio))
+    if s.warmup_tokens > 0:
+        ov["lr_schedule.warmup_tokens"] = max(1, round(s.warmup_tokens * ratio))
+    if s.base_batch_tokens > 0 and t.global_batch_tokens > 0:
+        ov["lr_schedule.base_batch_tokens"] = max(1, round(s.base_batch_tokens * gbt / t.global_batch_tokens))
+    for key in ("eval.interval", "eval.task_interval", "checkpoint.interval"):
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) > 0:
+            ov[key] = 2
+    if cfg.eval.interval > 0:
+        ov["eval.val_steps"] = 1
+
+    ref = {**ov, "job.dump_folder": str(Path(out) / "reference"), "compile.enable": False,
+           "parallelism.expert_parallel_degree": 1, "parallelism.data_parallel_shard_degree": -1,
+           "parallelism.data_parallel_replicate_degree": 1}
+    bf16 = (nproc > 1 and t.mixed_precision_param == "bfloat16") or t.autocast == "bfloat16" \
+        or cfg.model.dtype == "bfloat16"
+    return Rehearsal(config, preset, nproc, ov, ref, rel_tol=3e-2 if bf16 else 2e-3)
+
+
+def write_tiny_pretrained(preset: str, out: str | Path) -> Path:
+    """A Hugging Face folder of a tiny preset: what a pretrained config loads in a rehearsal."""
+    from rnd1.checkpoint.hf import save_pretrained
+    from rnd1.model.qwen3 import build_model
+
+    out = Path(out)
+    if not (out / "config.json").is_file():
+        save_pretrained(build_model(get_preset(preset), seed=1234), out, overwrite=True)
+    return out
+
+
+def _args(overrides: dict[str, object]) -> list[str]:
+    out = []
+    for k, v in overrides.items():
+        v = ("true" if v else "false") if isinstance(v, bool) else v
+        out.append(f"--{k}={v}")
+    return out
+
+
+@dataclass
+class RunResult:
+    returncode: int
+    losses: list[float]
+    output: str
+
+
+def run(config: Path, nproc: int, overrides: dict[str, object], timeout: int = 900) -> RunResult:
+    """Start ``config`` through the real entry point (run_train.sh -> torchrun -> rnd1.train)."""
+    env = {**os.environ, "CONFIG_FILE": str(config), "NPROC": str(nproc), "OMP_NUM_THREADS": "1",
+           "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(["bash", str(REPO / "run_train.sh"), *_args(overrides)], capture_output=True,
+                          text=True, timeout=timeout, env=env, cwd=REPO)
+    metrics = Path(str(overrides["job.dump_folder"])) / "metrics.jsonl"
+    losses = []
+    if metrics.is_file():
+        recs = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        losses = [r["loss"] for r in sorted((r for r in recs if "loss" in r), key=lambda r: r["step"])]
+    return RunResult(proc.returncode, losses, proc.stdout + proc.stderr)
+
+
+def compare(a: list[float], b: list[float], rel_tol: float) -> str | None:
+    """None when the two loss curves agree; otherwise a one-line reason."""
+    if len(a) != STEPS or len(b) != STEPS:
+        return f"expected {STEPS} logged losses, got {len(a)} (rehearsal) and {len(b)} (reference)"
+    if not all(math.isfinite(x) for x in a + b):
+        return f"non-finite loss: rehearsal {a}, reference {b}"
+    worst = max(abs(x - y) / abs(y) for x, y in zip(a, b))
+    if worst > rel_tol:
+        return f"losses differ by {worst:.2e} relative (> {rel_tol:.0e}): rehearsal {a}, reference {b}"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import tempfile
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("configs", nargs="+", help="TOML files under train_configs/")
+    ap.add_argument("--out", default="", help="work folder (default: a temporary one)")
+    ap.add_argument("--data", default="", help="a byte-level dataset folder (default: built from the stdlib)")
+    args = ap.parse_args(argv)
+    work = Path(args.out or tempfile.mkdtemp(prefix="rnd1-rehearsal-"))
+    data = Path(args.data) if args.data else work / "data"
+    if not (data / "meta.json").is_file():
+        from rnd1.data.prepare import prepare
+
+        prepare(["stdlib"], "byte", data, val_fraction=0.05, workers=1, max_docs=300, quiet=True)
+    pretrained = {p: write_tiny_pretrained(p, work / f"pretrained_{p}") for p in DEBUG_PRESETS}
+    failed = 0
+    for c in args.configs:
+        r = plan(c, data=data, pretrained=pretrained, out=work / Path(c).stem)
+        got = run(r.config, r.nproc, r.overrides)
+        if got.returncode != 0:
+            print(f"FAIL {c}: exit {got.returncode} on {r.nproc} processes\n{got.output[-3000:]}")
+            failed += 1
+            continue
+        ref = run(r.config, 1, r.reference_overrides)
+        why = compare(got.losses, ref.losses, r.rel_tol) if ref.returncode == 0 else \
+            f"reference run exited {ref.returncode}\n{ref.output[-3000:]}"
+        print(f"{'FAIL' if why else 'ok  '} {c}: {r.nproc} processes, losses {[round(x, 4) for x in got.losses]}"
+              + (f": {why}" if why else f", reference {[round(x, 4) for x in ref.losses]}"))
+        failed += bool(why)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
