@@ -2,7 +2,12 @@
 
 ``auto``: Triton for CUDA tensors, the PyTorch reference otherwise. ``triton`` on CPU is only
 possible under the Triton interpreter (``TRITON_INTERPRET=1``), which is how the kernels are
-tested without a GPU. ``RND1_KERNEL_BACKEND`` sets the process-wide default."""
+tested without a GPU. ``RND1_KERNEL_BACKEND`` sets the process-wide default.
+
+Per-op settings (``set_op_backend`` / ``op_backend``) are the one mechanism by which callers that
+do not pass a backend themselves pick one: the trainer sets ``grouped_mm``, ``dispatch`` and
+``cross_entropy`` from ``[kernels]`` once at start-up, and the model's expert matmul and token
+dispatcher read theirs at call time. One vocabulary for all of them: ``BACKENDS``."""
 
 from __future__ import annotations
 
@@ -19,6 +24,30 @@ def set_default_backend(name: str) -> None:
     if name not in BACKENDS:
         raise ValueError(f"kernel backend {name!r} unknown; expected one of {BACKENDS}")
     _default = name
+
+
+OPS = ("grouped_mm", "dispatch", "cross_entropy")
+_op_backend = {op: "auto" for op in OPS}
+
+
+def check_backend(name: str) -> str | None:
+    """None when ``name`` is a backend, else a one-line reason (for config validation)."""
+    return None if name in BACKENDS else f"is not a kernel backend; expected one of {', '.join(BACKENDS)}"
+
+
+def set_op_backend(op: str, name: str) -> None:
+    """Set the backend ``op`` uses when its caller does not choose (``auto`` follows the device)."""
+    if op not in OPS:
+        raise ValueError(f"kernel op {op!r} unknown; expected one of {OPS}")
+    err = check_backend(name)
+    if err:
+        raise ValueError(f"kernel backend {name!r} {err}")
+    _op_backend[op] = name
+
+
+def op_backend(op: str) -> str:
+    """The configured (unresolved) backend of ``op``; pass it to ``resolve_backend``."""
+    return _op_backend[op]
 
 
 def triton_interpreting() -> bool:
@@ -38,3 +67,11 @@ def resolve_backend(backend: str, device: torch.device | str | None) -> str:
         raise RuntimeError("kernel backend 'triton' on CPU tensors needs the Triton interpreter: set "
                            "TRITON_INTERPRET=1 (or use backend 'reference'/'auto')")
     return backend
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision: fp32 stays IEEE unless torch itself allows TF32 for fp32 matmuls."""
+    if dtype != torch.float32:
+        return "ieee" if dtype == torch.float64 else "tf32"  # 16-bit inputs: the flag is ignored
+    tf32 = torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest"
+    return "tf32" if tf32 else "ieee"

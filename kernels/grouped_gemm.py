@@ -22,7 +22,7 @@ import os
 
 import torch
 
-from kernels.backend import resolve_backend
+from kernels.backend import dot_precision, resolve_backend
 
 try:
     import triton
@@ -103,10 +103,11 @@ def grouped_mm_backward_reference(grad, x, w, offs):
 if triton is not None:
 
     @triton.jit
-    def _grouped_mm_kernel(x_ptr, w_ptr, y_ptr, offs_ptr, G, M, K,
+    def _grouped_mm_kernel(x_ptr, w_ptr, y_ptr, offs_ptr, G, N, M, K,
                            sxn, sxk, swg, swk, swm, syn, sym,
                            NUM_PROGRAMS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-                           BLOCK_K: tl.constexpr):
+                           BLOCK_K: tl.constexpr, PRECISION: tl.constexpr = "ieee"):
+        # Element offsets are int64: rows x stride passes 2^31 at 30B-A3B-sized activations.
         pid = tl.program_id(0)
         tiles_m = tl.cdiv(M, BLOCK_M)
         tile_base = 0
@@ -115,27 +116,41 @@ if triton is not None:
             end = tl.load(offs_ptr + g)
             n_tiles = tl.cdiv(end - start, BLOCK_N) * tiles_m
             first = tile_base + (pid - tile_base % NUM_PROGRAMS + NUM_PROGRAMS) % NUM_PROGRAMS
+            w_g = w_ptr + tl.cast(g, tl.int64) * swg
             for t in range(first, tile_base + n_tiles, NUM_PROGRAMS):
                 local = t - tile_base
                 rn = start + (local // tiles_m) * BLOCK_N + tl.arange(0, BLOCK_N)
                 rm = (local % tiles_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+                rn64 = rn.to(tl.int64)
                 acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
                 for k0 in range(0, K, BLOCK_K):
                     rk = k0 + tl.arange(0, BLOCK_K)
-                    a = tl.load(x_ptr + rn[:, None] * sxn + rk[None, :] * sxk,
+                    a = tl.load(x_ptr + rn64[:, None] * sxn + rk[None, :] * sxk,
                                 mask=(rn[:, None] < end) & (rk[None, :] < K), other=0.0)
-                    b = tl.load(w_ptr + g * swg + rk[:, None] * swk + rm[None, :] * swm,
+                    b = tl.load(w_g + rk[:, None] * swk + rm[None, :] * swm,
                                 mask=(rk[:, None] < K) & (rm[None, :] < M), other=0.0)
-                    acc += tl.dot(a, b)
-                tl.store(y_ptr + rn[:, None] * syn + rm[None, :] * sym, acc.to(y_ptr.dtype.element_ty),
+                    acc += tl.dot(a, b, input_precision=PRECISION)  # fp32: IEEE unless torch allows TF32
+                tl.store(y_ptr + rn64[:, None] * syn + rm[None, :] * sym, acc.to(y_ptr.dtype.element_ty),
                          mask=(rn[:, None] < end) & (rm[None, :] < M))
             tile_base += n_tiles
             start = end
+        # Rows past offs[-1] get zeros here (y is allocated uninitialised): only the tail is
+        # written, and the host never reads offs.
+        n_tiles = tl.cdiv(tl.maximum(N - start, 0), BLOCK_N) * tiles_m
+        first = tile_base + (pid - tile_base % NUM_PROGRAMS + NUM_PROGRAMS) % NUM_PROGRAMS
+        for t in range(first, tile_base + n_tiles, NUM_PROGRAMS):
+            local = t - tile_base
+            rn = start + (local // tiles_m) * BLOCK_N + tl.arange(0, BLOCK_N)
+            rm = (local % tiles_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+            zero = tl.zeros((BLOCK_N, BLOCK_M), dtype=y_ptr.dtype.element_ty)
+            tl.store(y_ptr + rn.to(tl.int64)[:, None] * syn + rm[None, :] * sym, zero,
+                     mask=(rn[:, None] < N) & (rm[None, :] < M))
 
     @triton.jit
     def _grouped_mm_dw_kernel(x_ptr, dy_ptr, dw_ptr, offs_ptr, M, K,
                               sxn, sxk, sdn, sdm, swg, swk, swm,
-                              BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+                              BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                              PRECISION: tl.constexpr = "ieee"):
         g = tl.program_id(0)
         rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
         rm = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -144,25 +159,25 @@ if triton is not None:
         acc = tl.zeros((BLOCK_K, BLOCK_M), dtype=tl.float32)
         for n0 in range(start, end, BLOCK_N):
             rn = n0 + tl.arange(0, BLOCK_N)
-            a = tl.load(x_ptr + rn[None, :] * sxn + rk[:, None] * sxk,
+            rn64 = rn.to(tl.int64)
+            a = tl.load(x_ptr + rn64[None, :] * sxn + rk[:, None] * sxk,
                         mask=(rn[None, :] < end) & (rk[:, None] < K), other=0.0)  # x_g^T tile [BK, BN]
-            b = tl.load(dy_ptr + rn[:, None] * sdn + rm[None, :] * sdm,
+            b = tl.load(dy_ptr + rn64[:, None] * sdn + rm[None, :] * sdm,
                         mask=(rn[:, None] < end) & (rm[None, :] < M), other=0.0)
-            acc += tl.dot(a, b)
-        tl.store(dw_ptr + g * swg + rk[:, None] * swk + rm[None, :] * swm, acc.to(dw_ptr.dtype.element_ty),
-                 mask=(rk[:, None] < K) & (rm[None, :] < M))
+            acc += tl.dot(a, b, input_precision=PRECISION)
+        tl.store(dw_ptr + tl.cast(g, tl.int64) * swg + rk[:, None] * swk + rm[None, :] * swm,
+                 acc.to(dw_ptr.dtype.element_ty), mask=(rk[:, None] < K) & (rm[None, :] < M))
 
 
-# Tile configurations. GPU: aimed at Qwen3-30B-A3B per-rank shapes (hidden 2048, expert
-# intermediate 768, 16 local experts, thousands of routed rows): 128-row tiles fill an H100
-# wgmma warpgroup; 768 = 6 x 128 columns. The interpreter runs a small tile to stay fast.
-# Ordered by preference: the first spills no registers on sm_90 (see kernels/README.md for the
-# registers/spills of each, read from the ahead-of-time compiled cubins).
+# Tile configurations, from the JIT-specialised ahead-of-time report (`python -m kernels.aot`,
+# kernels/README.md) at Qwen3-30B-A3B per-rank shapes: every candidate below compiles for sm_90
+# with no spills, a multi-stage cp.async pipeline, wgmma, and shared memory under the 227 KiB a
+# Hopper block may use. (128x256x64 with 4 warps spills; 128x128x128 with 4 stages needs 256 KiB.)
 GPU_CONFIGS = [
-    dict(BLOCK_N=64, BLOCK_M=128, BLOCK_K=64, num_warps=4, num_stages=4),
-    dict(BLOCK_N=128, BLOCK_M=128, BLOCK_K=64, num_warps=8, num_stages=3),
+    dict(BLOCK_N=128, BLOCK_M=128, BLOCK_K=64, num_warps=8, num_stages=4),  # many rows per group
+    dict(BLOCK_N=64, BLOCK_M=128, BLOCK_K=64, num_warps=4, num_stages=4),  # few rows per group
     dict(BLOCK_N=128, BLOCK_M=256, BLOCK_K=64, num_warps=8, num_stages=3),
-    dict(BLOCK_N=128, BLOCK_M=64, BLOCK_K=128, num_warps=4, num_stages=3),
+    dict(BLOCK_N=128, BLOCK_M=64, BLOCK_K=128, num_warps=8, num_stages=3),
 ]
 DW_GPU_CONFIGS = [
     dict(BLOCK_N=64, BLOCK_M=128, BLOCK_K=128, num_warps=8, num_stages=3),
@@ -171,11 +186,47 @@ DW_GPU_CONFIGS = [
 INTERPRET_CONFIG = dict(BLOCK_N=16, BLOCK_M=16, BLOCK_K=16)
 
 
-def _pick_config(M: int, K: int, configs) -> dict:
-    """Largest tiles that do not exceed the problem (a static stand-in for autotuning, which
-    needs a GPU to time candidates; `kernels/bench/bench_grouped_gemm.py` times them all)."""
-    fits = [c for c in configs if c["BLOCK_M"] <= max(M, 16) and c["BLOCK_K"] <= max(K, 16)]
-    return (fits or configs)[0]
+def config_name(kind: str, c: dict) -> str:
+    return f"grouped_mm_{kind}_{c['BLOCK_N']}x{c['BLOCK_M']}x{c['BLOCK_K']}_w{c['num_warps']}s{c['num_stages']}"
+
+
+def shape_key(N: int, G: int, K: int, M: int) -> tuple:
+    """Bucket of a problem: mean rows per group rounded up to a power of two (capped at 1024),
+    and K, M themselves (fixed per model projection)."""
+    rows = max(1, -(-N // max(G, 1)))
+    return (min(1 << (rows - 1).bit_length(), 1024), K, M)
+
+
+def _pick_config(key: tuple, configs) -> dict:
+    """Deterministic choice by shape bucket: the first candidate (in preference order) whose row
+    tile is no taller than the mean rows per group (or is the shortest there is), and whose
+    column and K tiles do not exceed M and K when a candidate that fits exists."""
+    rows, K, M = key
+    fits = [c for c in configs if c["BLOCK_M"] <= max(M, 16) and c["BLOCK_K"] <= max(K, 16)] or list(configs)
+    shortest = min(c["BLOCK_N"] for c in fits)
+    return next(c for c in fits if c["BLOCK_N"] <= max(rows, shortest))
+
+
+_TUNED: dict[tuple, dict] = {}
+
+
+def _autotune_enabled() -> bool:
+    """Timing candidates on first sight of a shape bucket is opt-in (RND1_GROUPED_MM_AUTOTUNE=1):
+    it must not run inside a CUDA-graph capture, and it makes the first step slower."""
+    return os.environ.get("RND1_GROUPED_MM_AUTOTUNE", "0") == "1"
+
+
+def _choose(kind: str, key: tuple, configs, run) -> dict:
+    """The config for this bucket: the deterministic pick, or (autotune on, CUDA) the fastest
+    candidate by ``triton.testing.do_bench`` of ``run(cfg)``, cached per (kind, bucket)."""
+    if not _autotune_enabled():
+        return _pick_config(key, configs)
+    if (kind, key) not in _TUNED:
+        rows, K, M = key
+        cands = [c for c in configs if c["BLOCK_M"] <= max(M, 16) and c["BLOCK_K"] <= max(K, 16)] or list(configs)
+        times = [triton.testing.do_bench(lambda c=c: run(c)) for c in cands]
+        _TUNED[(kind, key)] = cands[min(range(len(cands)), key=times.__getitem__)]
+    return _TUNED[(kind, key)]
 
 
 def _interpreting() -> bool:
@@ -185,12 +236,18 @@ def _interpreting() -> bool:
 def grouped_mm_triton(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, config: dict | None = None) -> torch.Tensor:
     N, K = x.shape
     G, _, M = w.shape
-    y = torch.zeros(N, M, dtype=x.dtype, device=x.device)
-    cfg = dict(config or (INTERPRET_CONFIG if _interpreting() else _pick_config(M, K, GPU_CONFIGS)))
+    y = torch.empty(N, M, dtype=x.dtype, device=x.device)  # the kernel writes every row, tail included
     programs = 4 if _interpreting() else torch.cuda.get_device_properties(x.device).multi_processor_count
     offs = offs.to(torch.int32)
-    _grouped_mm_kernel[(programs,)](x, w, y, offs, G, M, K, x.stride(0), x.stride(1), w.stride(0), w.stride(1),
-                                    w.stride(2), y.stride(0), y.stride(1), NUM_PROGRAMS=programs, **cfg)
+
+    def run(cfg):
+        _grouped_mm_kernel[(programs,)](x, w, y, offs, G, N, M, K, x.stride(0), x.stride(1), w.stride(0),
+                                        w.stride(1), w.stride(2), y.stride(0), y.stride(1), NUM_PROGRAMS=programs,
+                                        PRECISION=dot_precision(x.dtype), **cfg)
+
+    if config is None:
+        config = INTERPRET_CONFIG if _interpreting() else _choose("fwd", shape_key(N, G, K, M), GPU_CONFIGS, run)
+    run(dict(config))
     return y
 
 
@@ -198,10 +255,17 @@ def grouped_mm_dw_triton(x, dy, offs, G, config: dict | None = None, like: torch
     """dW [G, K, M]; written in ``like``'s memory layout when given (the kernel takes strides)."""
     K, M = x.shape[1], dy.shape[1]
     dw = torch.empty_like(like) if like is not None else torch.empty(G, K, M, dtype=x.dtype, device=x.device)
-    cfg = dict(config or (INTERPRET_CONFIG if _interpreting() else DW_GPU_CONFIGS[0]))
-    grid = (G, triton.cdiv(K, cfg["BLOCK_K"]), triton.cdiv(M, cfg["BLOCK_M"]))
-    _grouped_mm_dw_kernel[grid](x, dy, dw, offs.to(torch.int32), M, K, x.stride(0), x.stride(1), dy.stride(0),
-                                dy.stride(1), dw.stride(0), dw.stride(1), dw.stride(2), **cfg)
+    offs = offs.to(torch.int32)
+
+    def run(cfg):
+        grid = (G, triton.cdiv(K, cfg["BLOCK_K"]), triton.cdiv(M, cfg["BLOCK_M"]))
+        _grouped_mm_dw_kernel[grid](x, dy, dw, offs, M, K, x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
+                                    dw.stride(0), dw.stride(1), dw.stride(2), PRECISION=dot_precision(x.dtype), **cfg)
+
+    if config is None:
+        config = (INTERPRET_CONFIG if _interpreting()
+                  else _choose("dw", shape_key(x.shape[0], G, K, M), DW_GPU_CONFIGS, run))
+    run(dict(config))
     return dw
 
 
@@ -257,21 +321,33 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, backend: st
 
 
 # --------------------------------------------------------------------------- ahead-of-time compile specs
+# Qwen3-30B-A3B per rank at EP 8: 16 local experts, hidden 2048 -> expert intermediate 768,
+# 32,768 routed rows (micro-batch 8 x 4096 tokens x top-8 / 8 ranks). Weights are the model's
+# [E, out, in] parameters passed transposed, so w [G, K, M] has unit stride along K.
+AOT_SHAPE = dict(G=16, N=32768, K=2048, M=768, programs=132)
+
+
 def aot_specs(dtype: str = "bf16") -> list[tuple]:
-    """(name, kernel, signature, constexprs, num_warps, num_stages) for every kernel/config."""
-    sig = {"x_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "y_ptr": f"*{dtype}", "offs_ptr": "*i32", "G": "i32",
-           "M": "i32", "K": "i32", "sxn": "i32", "sxk": "i32", "swg": "i32", "swk": "i32", "swm": "i32",
-           "syn": "i32", "sym": "i32"}
-    dw_sig = {"x_ptr": f"*{dtype}", "dy_ptr": f"*{dtype}", "dw_ptr": f"*{dtype}", "offs_ptr": "*i32", "M": "i32",
-              "K": "i32", "sxn": "i32", "sxk": "i32", "sdn": "i32", "sdm": "i32", "swg": "i32", "swk": "i32",
-              "swm": "i32"}
+    """(name, kernel, sample args, constexprs, num_warps, num_stages) for every kernel/config;
+    kernels/aot.py derives the JIT's specialisation from the sample args."""
+    from kernels.aot import DTYPES, SampleTensor
+
+    dt = DTYPES[dtype]
+    G, N, K, M = (AOT_SHAPE[k] for k in "GNKM")
+    x = SampleTensor(dt, (N, K))
+    y = SampleTensor(dt, (N, M))
+    w_t = SampleTensor(dt, (G, M, K))  # stored [G, out, in]; the kernel sees its transpose
+    offs = SampleTensor(torch.int32, (G,))
+    fwd = dict(x_ptr=x, w_ptr=w_t, y_ptr=y, offs_ptr=offs, G=G, N=N, M=M, K=K, sxn=x.stride(0), sxk=x.stride(1),
+               swg=w_t.stride(0), swk=w_t.stride(2), swm=w_t.stride(1), syn=y.stride(0), sym=y.stride(1))
+    dw = dict(x_ptr=x, dy_ptr=y, dw_ptr=w_t, offs_ptr=offs, M=M, K=K, sxn=x.stride(0), sxk=x.stride(1),
+              sdn=y.stride(0), sdm=y.stride(1), swg=w_t.stride(0), swk=w_t.stride(2), swm=w_t.stride(1))
     out = []
     for c in GPU_CONFIGS:
-        ce = {"NUM_PROGRAMS": 132, **{k: v for k, v in c.items() if k.startswith("BLOCK")}}
-        out.append((f"grouped_mm_fwd_{c['BLOCK_N']}x{c['BLOCK_M']}x{c['BLOCK_K']}", _grouped_mm_kernel,
-                    {**sig, **{k: "constexpr" for k in ce}}, ce, c["num_warps"], c["num_stages"]))
+        ce = {"NUM_PROGRAMS": AOT_SHAPE["programs"], **{k: v for k, v in c.items() if k.startswith("BLOCK")},
+              "PRECISION": "ieee" if dtype == "fp32" else "tf32"}
+        out.append((config_name("fwd", c), _grouped_mm_kernel, fwd, ce, c["num_warps"], c["num_stages"]))
     for c in DW_GPU_CONFIGS:
-        ce = {k: v for k, v in c.items() if k.startswith("BLOCK")}
-        out.append((f"grouped_mm_dw_{c['BLOCK_N']}x{c['BLOCK_M']}x{c['BLOCK_K']}", _grouped_mm_dw_kernel,
-                    {**dw_sig, **{k: "constexpr" for k in ce}}, ce, c["num_warps"], c["num_stages"]))
+        ce = {**{k: v for k, v in c.items() if k.startswith("BLOCK")}, "PRECISION": "ieee" if dtype == "fp32" else "tf32"}
+        out.append((config_name("dw", c), _grouped_mm_dw_kernel, dw, ce, c["num_warps"], c["num_stages"]))
     return out

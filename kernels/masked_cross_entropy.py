@@ -11,7 +11,9 @@ once and freed at once.
 - reference (CPU, and the semantics): loops over chunks of ``chunk_tokens`` rows; per chunk, one
   [c, V] logits block in fp32, softmax, the gradient block, two matmuls.
 - triton (CUDA, or CPU under TRITON_INTERPRET=1): ``kernels/masked_cross_entropy_triton.py``,
-  vocabulary-tiled with an online log-sum-exp so even one row's logits never exist in full.
+  vocabulary-tiled with an online log-sum-exp for the loss; the gradients go through bounded
+  blocks of g = w (softmax - onehot) (at most 2^25 elements) and GEMMs that write each gradient
+  element once: no atomics, deterministic.
 """
 
 from __future__ import annotations
@@ -90,7 +92,9 @@ def _(hidden, weight, targets, weights, chunk_tokens, backend, need_grads):
     loss = hidden.new_empty((), dtype=acc)
     if not need_grads:
         return loss, hidden.new_empty(0, dtype=acc), weight.new_empty(0, dtype=acc)
-    dw_dtype = weight.dtype if (chunk_tokens <= 0 and backend != "triton" and weight.dtype != torch.float64) else acc
+    if backend == "triton":  # every gradient element written once by a GEMM, in the input dtype
+        return loss, hidden.new_empty(hidden.shape), weight.new_empty(weight.shape, dtype=hidden.dtype)
+    dw_dtype = weight.dtype if (chunk_tokens <= 0 and weight.dtype != torch.float64) else acc
     return loss, hidden.new_empty(hidden.shape, dtype=acc), weight.new_empty(weight.shape, dtype=dw_dtype)
 
 
@@ -172,7 +176,12 @@ def masked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         raise ValueError(f"masked_cross_entropy: targets {tuple(targets.shape)} and weights "
                          f"{tuple(weights.shape)} must be [N] with N = {hidden.shape[0]}")
     targets, weights = _mask_rows(targets, weights, select, ignore_index)
-    return _MaskedCE.apply(hidden, weight, targets, weights, chunk_tokens, resolve_backend(backend, hidden.device))
+    backend = resolve_backend(backend, hidden.device)
+    if not (torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)):
+        # no_grad / inference_mode / frozen inputs: loss only, no gradient pass and no dW buffer
+        # (ctx.needs_input_grad inside a Function ignores grad mode)
+        return _fused_op(hidden, weight, targets, weights, chunk_tokens, backend, False)[0]
+    return _MaskedCE.apply(hidden, weight, targets, weights, chunk_tokens, backend)
 
 
 def masked_cross_entropy_reference_full(hidden, weight, targets, weights, select=None, ignore_index=-100):

@@ -6,8 +6,10 @@ group to a multiple of ``align`` (the grouped GEMM's tile alignment), and gather
 one pass. ``combine(y_sorted, info, topk_weights)`` returns out[t] = sum_j w[t, j] *
 y_sorted[pos(t, j)]: each output row sums its own k contributions, so no atomics are needed.
 
-No Python loop over experts. Host syncs: none with ``align == 1`` (the output has exactly
-T*k rows); with padding, one ``.item()`` for the padded row count, which sizes the output.
+No Python loop over experts and no host sync: with ``align == 1`` the output has exactly T*k
+rows; with padding it has the static bound T*k + E*(align-1) rows (the tail past ``offs[-1]``
+is zeros), so no ``.item()`` sizes it. gather / combine / combine-backward are ``torch.library``
+custom ops (``rnd1_kernels::dispatch_*``) with fake implementations, so compiled graphs hold.
 
 Backward: dispatch's gradient is combine with unit weights (each token collects the gradient
 of its k copies); combine's gradients are a gather (d y_sorted[pos(t, j)] = w[t, j] * g[t])
@@ -39,6 +41,9 @@ class DispatchInfo:
 
 
 def build_order(topk_ids: torch.Tensor, num_experts: int, align: int = 1) -> DispatchInfo:
+    """The expert-sorted order of the T*k (token, slot) pairs. No host sync and no data-dependent
+    shape, so it traces into a compiled graph: with ``align > 1`` the output is sized for the worst
+    case, T*k + E*(align-1) rows; rows past ``offs[-1]`` are padding (``src_token`` -1)."""
     T, k = topk_ids.shape
     flat = topk_ids.reshape(-1)
     order = torch.argsort(flat, stable=True)  # (token, slot) pairs sorted by expert
@@ -51,29 +56,35 @@ def build_order(topk_ids: torch.Tensor, num_experts: int, align: int = 1) -> Dis
         starts_real = torch.cumsum(counts, 0) - counts
         rank_in_group = torch.arange(T * k, device=flat.device) - starts_real[flat[order]]
         dest = starts_pad[flat[order]] + rank_in_group
-        n_rows = int(ends[-1].item())  # the one host sync: size of the padded output
+        n_rows = T * k + num_experts * (align - 1)  # static bound on ends[-1]: no .item()
     else:
         ends = torch.cumsum(counts, 0)
         dest = torch.arange(T * k, device=flat.device)
         n_rows = T * k
-    pos = torch.empty(T * k, dtype=torch.int64, device=flat.device)
-    pos[order] = dest
-    src = torch.full((n_rows,), -1, dtype=torch.int64, device=flat.device)
-    src[dest] = order // k
+    pos = torch.empty(T * k, dtype=torch.int64, device=flat.device).scatter_(0, order, dest)
+    src = torch.full((n_rows,), -1, dtype=torch.int64, device=flat.device).scatter_(0, dest, order // k)
     return DispatchInfo(src, pos.view(T, k), counts, ends.to(torch.int32), n_rows)
 
 
 # --------------------------------------------------------------------------- reference
 def gather_rows_reference(x, src):
-    out = x.new_zeros(src.shape[0], x.shape[1])
-    valid = src >= 0
-    out[valid] = x[src[valid]]
-    return out
+    """out[r] = x[src[r]], zeros where src[r] < 0 (a select, not boolean indexing: no
+    data-dependent shape)."""
+    valid = (src >= 0).unsqueeze(1)
+    return torch.where(valid, x.index_select(0, src.clamp(min=0)), x.new_zeros(()))
 
 
 def combine_reference(y, pos, w):
     """out[t] = sum_j w[t, j] * y[pos[t, j]]."""
     return torch.einsum("tkh,tk->th", y[pos], w.to(y.dtype))
+
+
+def combine_backward_reference(g, y, pos, w):
+    """(d y, d w) of ``combine_reference``; rows no (token, slot) points at get zero gradient."""
+    dy = torch.zeros_like(y)
+    dy.index_put_((pos.reshape(-1),), (w.to(g.dtype)[..., None] * g[:, None, :]).reshape(-1, g.shape[1]))
+    dw = torch.einsum("tkh,th->tk", y[pos].float(), g.float()).to(w.dtype)
+    return dy, dw
 
 
 # --------------------------------------------------------------------------- triton
@@ -154,52 +165,95 @@ def combine_backward_triton(g, y, pos, w):
     return dy, dw.to(w.dtype)
 
 
-# --------------------------------------------------------------------------- autograd
-class _Gather(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, src, pos, backend):
-        ctx.save_for_backward(pos)
-        ctx.backend, ctx.k = backend, pos.shape[1]
-        return gather_rows_triton(x, src) if backend == "triton" else gather_rows_reference(x, src)
-
-    @staticmethod
-    def backward(ctx, g):
-        (pos,) = ctx.saved_tensors
-        ones = torch.ones(pos.shape, dtype=g.dtype, device=g.device)
-        dx = combine_triton(g, pos, ones) if ctx.backend == "triton" else combine_reference(g, pos, ones)
-        return dx, None, None, None
+# --------------------------------------------------------------------------- custom ops + autograd
+# Custom ops with fake implementations, like grouped_gemm's: a compiled block that dispatches
+# (the model's LocalDispatcher is traced into its block's graph) sees each op as one opaque node
+# with a known output shape, so ``fullgraph=True`` holds whichever backend runs inside.
+@torch.library.custom_op("rnd1_kernels::dispatch_gather", mutates_args=())
+def _gather_op(x: torch.Tensor, src: torch.Tensor, pos: torch.Tensor, backend: str) -> torch.Tensor:
+    return gather_rows_triton(x, src) if backend == "triton" else gather_rows_reference(x, src)
 
 
-class _Combine(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, y, pos, w, backend):
-        ctx.save_for_backward(y, pos, w)
-        ctx.backend = backend
-        return combine_triton(y, pos, w) if backend == "triton" else combine_reference(y, pos, w)
+@_gather_op.register_fake
+def _(x, src, pos, backend):
+    return x.new_empty(src.shape[0], x.shape[1])
 
-    @staticmethod
-    def backward(ctx, g):
-        y, pos, w = ctx.saved_tensors
-        if ctx.backend == "triton":
-            dy, dw = combine_backward_triton(g, y, pos, w)
-        else:
-            dy = torch.zeros_like(y)
-            dy.index_put_((pos.reshape(-1),), (w.to(g.dtype)[..., None] * g[:, None, :]).reshape(-1, g.shape[1]))
-            dw = torch.einsum("tkh,th->tk", y[pos].float(), g.float()).to(w.dtype)
-        return dy, None, dw, None
+
+@torch.library.custom_op("rnd1_kernels::dispatch_combine", mutates_args=())
+def _combine_op(y: torch.Tensor, pos: torch.Tensor, w: torch.Tensor, backend: str) -> torch.Tensor:
+    return combine_triton(y, pos, w) if backend == "triton" else combine_reference(y, pos, w)
+
+
+@_combine_op.register_fake
+def _(y, pos, w, backend):
+    return y.new_empty(pos.shape[0], y.shape[1])
+
+
+@torch.library.custom_op("rnd1_kernels::dispatch_combine_backward", mutates_args=())
+def _combine_bwd_op(g: torch.Tensor, y: torch.Tensor, pos: torch.Tensor, w: torch.Tensor,
+                    backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if backend == "triton":
+        return combine_backward_triton(g, y, pos, w)
+    return combine_backward_reference(g, y, pos, w)
+
+
+@_combine_bwd_op.register_fake
+def _(g, y, pos, w, backend):
+    return torch.empty_like(y), torch.empty_like(w)
+
+
+def _gather_setup(ctx, inputs, output):
+    x, src, pos, backend = inputs
+    ctx.save_for_backward(pos)
+    ctx.backend = backend
+
+
+def _gather_backward(ctx, g):
+    # each source row collects the gradient of every row gathered from it: combine, unit weights
+    (pos,) = ctx.saved_tensors
+    ones = torch.ones(pos.shape, dtype=g.dtype, device=g.device)
+    return _combine_op(g, pos, ones, ctx.backend), None, None, None
+
+
+def _combine_setup(ctx, inputs, output):
+    y, pos, w, backend = inputs
+    ctx.save_for_backward(y, pos, w)
+    ctx.backend = backend
+
+
+def _combine_backward(ctx, g):
+    y, pos, w = ctx.saved_tensors
+    dy, dw = _combine_bwd_op(g, y, pos, w, ctx.backend)
+    return dy, None, dw, None
+
+
+_gather_op.register_autograd(_gather_backward, setup_context=_gather_setup)
+_combine_op.register_autograd(_combine_backward, setup_context=_combine_setup)
+
+
+def gather_rows(x: torch.Tensor, src: torch.Tensor, pos: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """out[r] = x[src[r]] (zeros where src[r] is -1), differentiable in x. ``pos`` [len(x), j] is
+    the inverse map: the out rows each x row went to (each exactly once over all x rows), which
+    the backward sums. A permutation ``perm`` has ``pos = argsort(perm)[:, None]``."""
+    return _gather_op(x, src, pos, resolve_backend(backend, x.device))
 
 
 def dispatch(x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, align: int = 1,
              backend: str = "auto") -> tuple[torch.Tensor, DispatchInfo]:
-    """-> (x_sorted [N, H], info). Rows of a padded group beyond its tokens are zeros."""
+    """-> (x_sorted [N, H], info). Rows of a padded group beyond its tokens are zeros. No host
+    sync, no data-dependent shape: traceable with ``torch.compile(fullgraph=True)``."""
     info = build_order(topk_ids, num_experts, align)
-    b = resolve_backend(backend, x.device)
-    return _Gather.apply(x, info.src_token, info.pos, b), info
+    return gather_rows(x, info.src_token, info.pos, backend), info
+
+
+def combine_rows(y: torch.Tensor, pos: torch.Tensor, w: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """out[t] = sum_j w[t, j] * y[pos[t, j]], differentiable in y and w."""
+    return _combine_op(y, pos, w, resolve_backend(backend, y.device))
 
 
 def combine(y_sorted: torch.Tensor, info: DispatchInfo, topk_weights: torch.Tensor,
             backend: str = "auto") -> torch.Tensor:
-    return _Combine.apply(y_sorted, info.pos, topk_weights, resolve_backend(backend, y_sorted.device))
+    return combine_rows(y_sorted, info.pos, topk_weights, backend)
 
 
 def aot_specs(dtype: str = "bf16") -> list[tuple]:

@@ -55,6 +55,16 @@ def _unit_closed(v):
     return None if 0 <= v <= 1 else "must be in [0, 1]"
 
 
+def _objective_name(v):
+    from rnd1.diffusion.objective import OBJECTIVES
+
+    return None if v in OBJECTIVES else f"is not an objective; expected one of {', '.join(map(repr, OBJECTIVES))}"
+
+
+def _lr_or_inherit(v):
+    return None if v >= 0 or v == -1 else "must be >= 0, or -1 to use the non-attention group"
+
+
 def _pos_or_fill(v):
     return None if v > 0 or v == -1 else "must be > 0, or -1 to fill the remaining ranks"
 
@@ -78,15 +88,23 @@ class Model:
                       "baseline (refuses a path); auto: pretrained when checkpoint.initial_load_path is set, else random")
     dtype: Literal["float32", "bfloat16"] = _f("float32", "dtype of the parameters (and optimiser state)")
     mask_token_id: int = _f(-1, "mask token id; -1: the tokenizer's (151669 for Qwen3, as RND1)")
+    mask_embedding_init: Literal["keep", "mean"] = _f(
+        "keep", "the [MASK] input embedding (its own parameter) after the initial weights: keep: the table's mask "
+                "row (a Qwen3 checkpoint's untrained padding row; the random row under random init; a DCP "
+                "checkpoint's saved value); mean: the mean of the trained rows (ids below the tokenizer's "
+                "vocab_size, mask id excluded)")
     tokenizer_path: str = _f("byte", "'byte' (byte-level, for debug models) or a Qwen3 tokenizer folder / .tiktoken file")
 
 
 @dataclass
 class Objective:
     """Training objective and attention recipe."""
-    name: Literal["a2d", "mdlm", "ar"] = _f(
+    name: str = _f(
         "a2d", "a2d: output i predicts masked x0[i+1] (RND1 eq. 2); mdlm: output i predicts masked x0[i] (eq. 1); "
-               "ar: next-token prediction")
+               "ar: next-token prediction (the registry in rnd1/diffusion/objective.py)", _objective_name)
+    loss_normaliser: Literal["maskable", "supervised"] = _f(
+        "maskable", "maskable: divide the 1/t-weighted CE sum by the scored positions of the global batch (the "
+                    "per-token NELBO, an upper bound on the NLL per token); supervised: by the masked positions")
     eps: float = _f(1e-3, "t ~ U[eps, 1]", _unit_open)
     low_discrepancy: bool = _f(False, "stratify t across the batch (lower-variance loss)")
     attention_recipe: Literal["scp", "grafting", "causal"] = _f(
@@ -98,11 +116,19 @@ class Objective:
 
 @dataclass
 class Optimizer:
-    """AdamW with separate attention / non-attention groups (lr 0 freezes a group)."""
+    """AdamW with separate attention / non-attention groups, optionally a third for the [MASK] embedding
+    (lr 0 freezes a group)."""
     lr_attention: float = _f(3e-4, "peak lr of q/k/v/o projections and q/k norms", _nonneg)
     lr_non_attention: float = _f(3e-4, "peak lr of embeddings, norms, MLPs, routers, experts, LM head", _nonneg)
     weight_decay_attention: float = _f(0.1, "weight decay of the attention group", _nonneg)
     weight_decay_non_attention: float = _f(0.1, "weight decay of the non-attention group", _nonneg)
+    lr_mask_embedding: float = _f(
+        -1.0, "peak lr of the [MASK] input embedding, a group of its own so it can learn while the non-attention "
+              "lr is 1e-8; -1: part of the non-attention group (its lr and decay); 0 freezes it", _lr_or_inherit)
+    weight_decay_mask_embedding: float = _f(
+        0.0, "weight decay of the [MASK] embedding's own group (lr_mask_embedding >= 0): 0 by default: one row "
+             "seen at every masked position has nothing to overfit, and decay would pull it toward zero while the "
+             "table rows it should resemble barely move", _nonneg)
     beta1: float = _f(0.9, "Adam beta1", _unit_closed)
     beta2: float = _f(0.95, "Adam beta2", _unit_closed)
     eps: float = _f(1e-8, "Adam epsilon", _pos)
@@ -216,12 +242,19 @@ class Eval:
     task_interval: int = _f(0, "score tasks every N steps (0: never)", _nonneg)
 
 
+KernelBackend = Literal["auto", "reference", "triton"]  # kernels.backend.BACKENDS (a test keeps them equal)
+
+
 @dataclass
 class Kernels:
-    """Backends of the hot ops (auto: Triton on CUDA, PyTorch reference on CPU). Token dispatch/combine has
-    no switch: the model's dispatcher (rnd1/model/moe.py) does not call kernels/token_dispatch.py."""
-    grouped_mm: str = _f("auto", "expert matmul backend")
-    cross_entropy: str = _f("auto", "masked cross-entropy backend")
+    """Backends of the hot ops, one vocabulary for all three: auto (Triton on CUDA, the PyTorch
+    reference on CPU), reference, triton (on CPU only under TRITON_INTERPRET=1). Set once at
+    start-up through kernels/backend.py (rnd1.training.build.set_kernel_backends)."""
+    grouped_mm: KernelBackend = _f("auto", "expert matmul backend (the old values: loop is now reference, "
+                                   "kernels is auto; torch is gone)")
+    cross_entropy: KernelBackend = _f("auto", "masked cross-entropy backend")
+    dispatch: KernelBackend = _f("auto", "MoE token dispatch / combine backend (the local dispatcher and the "
+                                 "receiving side of the expert-parallel one)")
 
 
 SECTIONS: dict[str, type] = {
@@ -445,8 +478,10 @@ def parse_args(argv: list[str]) -> JobConfig:
 def validate(cfg: JobConfig, world_size: int = 1) -> None:
     """Checks that involve several keys or the world size."""
     o, t, p = cfg.objective, cfg.training, cfg.parallelism
-    if o.name == "ar" and o.attention_recipe != "causal":
-        raise ConfigError(f"objective.name='ar' needs objective.attention_recipe='causal' "
+    from rnd1.diffusion.objective import get_objective
+
+    if get_objective(o.name).attention == "causal" and o.attention_recipe != "causal":
+        raise ConfigError(f"objective.name={o.name!r} needs objective.attention_recipe='causal' "
                           f"(got {o.attention_recipe!r}: bidirectional attention would see the target)")
     if o.attention_recipe == "grafting" and o.grafting_tokens <= 0:
         raise ConfigError("objective.attention_recipe='grafting' needs objective.grafting_tokens > 0")

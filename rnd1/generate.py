@@ -9,9 +9,11 @@ forward passes, commits predictions into masked positions until none is left:
   token), ``margin`` (top-1 minus top-2 probability), lowest ``entropy``, or ``random``;
 - how many: a fixed number per step (the block's masked positions spread evenly over its
   steps), or with ``threshold`` every position whose confidence exceeds it (at least one:
-  parallel decoding);
-- ``strategy="rnd1"``: RND1's released rule, a linear schedule of how many positions stay
-  masked, keeping the highest-entropy predictions masked;
+  parallel decoding); either way a block's last step commits everything still masked, so the
+  output never holds the mask id;
+- ``strategy="rnd1"``: RND1's released rule (``rnd1_keep_masked``), a linear schedule of how
+  many positions stay masked, keeping the highest-entropy predictions masked, applied per block
+  with that block's steps;
 - infilling: a ``suffix`` after the masked region is kept fixed;
 - temperature / top-k / top-p sampling (temperature 0 is greedy), stop at EOS, batched prompts of
   different lengths, a ``torch.Generator`` for reproducibility.
@@ -25,10 +27,13 @@ after the padding, so a row computes exactly what it would alone.
 from __future__ import annotations
 
 import math
+import struct
 import time
 from dataclasses import dataclass, field
 
 import torch
+
+from rnd1.diffusion.objective import Objective, get_objective
 
 STRATEGIES = ("confidence", "margin", "entropy", "random", "rnd1")
 
@@ -44,6 +49,34 @@ class GenerationOutput:
     @property
     def tokens_per_s(self) -> float:
         return sum(len(t) for t in self.tokens) / max(self.seconds, 1e-9)
+
+
+def _float32(x: float) -> float:
+    """``x`` rounded to the nearest float32 (round-half-even), returned as a Python float."""
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+def rnd1_keep_masked(n: int, steps: int, commit: int) -> int:
+    """How many of ``n`` masked positions RND1's sampler leaves masked after its ``commit``-th
+    commit (1-based) of ``steps``; 0 after the last one.
+
+    RND1 (rnd/sampling.py) keeps ``(total_masked * (step / steps)).long()`` positions masked
+    at loop index ``step = steps - commit``, where ``total_masked`` is an int64 tensor: torch
+    computes that product in float32 (the Python-double ratio rounded to float32, times n, the
+    product rounded to float32) and ``.long()`` truncates. This reproduces it without torch: two
+    float32 values multiply exactly in a double (24 + 24 significant bits <= 53), so one more
+    rounding gives float32's product. It is *not* ``n * step // steps``: for n, steps <= 64
+    the two disagree at 57 (n, steps, commit) triples (n = steps = 22, step 13: RND1 keeps 12,
+    exact arithmetic 13), and for n = steps in {41, 47, 55, 61} the second-to-last commit keeps
+    none, so RND1 stops one forward pass early. Matching the released sampler exactly is the
+    point of the ``rnd1`` strategy, hence float32.
+    """
+    if not 1 <= commit <= steps:
+        raise ValueError(f"commit must be in [1, {steps}], got {commit}")
+    step = steps - commit
+    if step == 0:
+        return 0  # RND1 commits whatever is left after its loop
+    return max(0, math.trunc(_float32(_float32(float(n)) * _float32(step / steps))))
 
 
 def _filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
@@ -96,17 +129,19 @@ def _layout(prompts, suffixes, gen_length, mask_id, pad_id):
 
 @torch.no_grad()
 def diffusion_generate(model, prompts: list[list[int]], *, gen_length: int, steps: int, mask_id: int,
-                       objective: str = "a2d", block_length: int | None = None, strategy: str = "confidence",
+                       objective: "str | Objective" = "a2d", block_length: int | None = None, strategy: str = "confidence",
                        threshold: float | None = None, temperature: float = 0.0, top_k: int = 0,
                        top_p: float = 1.0, eos_id: int | None = None, suffixes: list[list[int]] | None = None,
                        generator: torch.Generator | None = None, pad_id: int | None = None,
                        vocab_limit: int | None = None) -> GenerationOutput:
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy {strategy!r} unknown; expected one of {STRATEGIES}")
-    if objective not in ("a2d", "mdlm"):
-        raise ValueError(f"objective {objective!r}: diffusion sampling needs 'a2d' or 'mdlm'")
-    if objective == "a2d" and any(len(p) == 0 for p in prompts):
-        raise ValueError("a2d sampling needs a non-empty prompt (position 0 has no prediction)")
+    objective = get_objective(objective)
+    if not objective.masks:
+        raise ValueError(f"objective {objective.name!r} does not mask: diffusion sampling needs a diffusion "
+                         f"objective (a2d, mdlm)")
+    if objective.shift and any(len(p) == 0 for p in prompts):
+        raise ValueError(f"{objective.name} sampling needs a non-empty prompt (position 0 has no prediction)")
     block_length = block_length or gen_length
     n_blocks = math.ceil(gen_length / block_length)
     if steps < n_blocks:
@@ -135,7 +170,7 @@ def diffusion_generate(model, prompts: list[list[int]], *, gen_length: int, step
                 break
             logits = model(x, doc_ids=doc_ids, positions=positions)
             nfe += 1
-            read = pos - 1 if objective == "a2d" else pos
+            read = objective.output_index(pos)  # the output that predicts each position (the shift)
             lg = _allowed(logits[rows, read].float(), mask_id, vocab_limit)
             lg = _filter_logits(lg, temperature, top_k, top_p)  # [B, n, V]
             probs = torch.softmax(lg, dim=-1)
@@ -156,18 +191,18 @@ def diffusion_generate(model, prompts: list[list[int]], *, gen_length: int, step
                 score = torch.rand(conf.shape, generator=generator).to(device)
             score = score.masked_fill(~still, float("-inf"))
             n_still = still.sum(1)
-            if threshold is not None:
+            if s == blk_steps - 1:
+                pick = still  # the block's last step: commit the rest, whatever the rule (no mask id left)
+            elif threshold is not None:
                 pick = (conf > threshold) & still
                 best = score.argmax(1)
                 pick[torch.arange(B), best] |= n_still > 0  # at least one per step
             else:
-                if strategy == "rnd1":  # linear schedule of positions that stay masked
-                    keep = torch.tensor(int(n_block * (1 - (s + 1) / blk_steps)), device=device)
+                if strategy == "rnd1":  # RND1's linear schedule of positions that stay masked
+                    keep = rnd1_keep_masked(n_block, blk_steps, s + 1)
                     k = (n_still - keep).clamp_min(0)
                 else:
                     k = torch.ceil(n_still.float() / (blk_steps - s)).long()
-                if s == blk_steps - 1:
-                    k = n_still
                 ranked = torch.argsort(score, dim=1, descending=True)
                 rank_of = torch.empty_like(ranked).scatter_(1, ranked, torch.arange(ranked.shape[1], device=device)
                                                            .expand_as(ranked))

@@ -133,8 +133,10 @@ class MetricsLogger:
     runs whose folder must not grow or that log elsewhere; the run-reading tools then have nothing
     to read."""
 
-    CONSOLE_KEYS = (("loss", "loss {:.4f}"), ("val_loss", "val {:.4f}"), ("grad_norm", "gnorm {:.2f}"),
+    CONSOLE_KEYS = (("loss", "loss {:.4f}"), ("val_loss", "val {:.4f}"), ("val_ppl_bound", "ppl <= {:,.2f}"),
+                    ("val_ppl", "ppl {:,.2f}"), ("grad_norm", "gnorm {:.2f}"),
                     ("lr/attention", "lr_attn {:.2e}"), ("lr/non_attention", "lr {:.2e}"),
+                    ("lr/mask_embedding", "lr_mask {:.2e}"),
                     ("masked_frac", "masked {:.2f}"), ("tokens_per_s", "{:,.0f} tok/s"),
                     ("mfu", "mfu {:.1%}"), ("memory_gib", "mem {:.2f}GiB"))
 

@@ -4,7 +4,9 @@ Knowledge retention in RND1 comes from treating attention and everything else di
 attention must learn bidirectional context, while the factual knowledge stored in the MLPs /
 experts and embeddings should be disturbed as little as possible. The paper's Settings 1-4
 (Fig. 4.1) are pairs of (peak LR, weight decay) for the two groups, e.g. attention 3e-4 with
-non-attention 1e-8, weight decay 0.1 — each expressible as ``[optimizer]`` keys.
+non-attention 1e-8, weight decay 0.1 — each expressible as ``[optimizer]`` keys. A third, optional
+group holds the [MASK] embedding alone (``Qwen3.mask_embedding``): under Setting 4 the mask token's
+row would otherwise stay where pretraining left it, an untrained padding row.
 
 Schedules are functions of tokens seen, not steps, so runs with different global batch sizes
 (the critical-batch-size sweep) warm up and decay over the same data.
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-GROUP_NAMES = ("attention", "non_attention")
+GROUP_NAMES = ("attention", "non_attention", "mask_embedding")
 
 
 @dataclass
@@ -31,21 +33,38 @@ def is_attention_param(name: str) -> bool:
     return ".self_attn." in name
 
 
-def param_groups(model: torch.nn.Module, *, attention: GroupSpec, non_attention: GroupSpec) -> list[dict]:
-    """Split parameters into the attention and non-attention groups. A group whose peak lr is 0
-    is frozen: requires_grad is switched off and it is left out of the optimiser, so no Adam
-    state is allocated for it."""
-    specs = {"attention": attention, "non_attention": non_attention}
+def is_mask_embedding_param(name: str) -> bool:
+    """The model's separate [MASK] input embedding (``Qwen3.mask_embedding``), under any wrapper."""
+    return name == "mask_embedding" or name.endswith(".mask_embedding")
+
+
+def param_groups(model: torch.nn.Module, *, attention: GroupSpec, non_attention: GroupSpec,
+                 mask_embedding: GroupSpec | None = None) -> list[dict]:
+    """Split parameters into the attention and non-attention groups, and the [MASK] embedding
+    into a group of its own when ``mask_embedding`` is given (None: it is non-attention like the
+    rest of the embeddings). A group whose peak lr is 0 is frozen: requires_grad is switched off
+    and it is left out of the optimiser, so no Adam state is allocated for it."""
+    specs = {"attention": attention, "non_attention": non_attention, "mask_embedding": mask_embedding}
     members: dict[str, list] = {k: [] for k in GROUP_NAMES}
     seen = set()
     for name, p in model.named_parameters():  # tied parameters appear once
         if id(p) in seen:
             continue
         seen.add(id(p))
-        members["attention" if is_attention_param(name) else "non_attention"].append(p)
+        if is_attention_param(name):
+            members["attention"].append(p)
+        elif is_mask_embedding_param(name) and mask_embedding is not None:
+            members["mask_embedding"].append(p)
+        else:
+            members["non_attention"].append(p)
+    if mask_embedding is not None and not members["mask_embedding"]:
+        raise ValueError("optimizer: a mask_embedding group was asked for but the model has no mask_embedding "
+                         "parameter")
     groups = []
     for gname in GROUP_NAMES:
         spec, params = specs[gname], members[gname]
+        if spec is None:
+            continue
         if spec.lr < 0:
             raise ValueError(f"optimizer: lr of group {gname} must be >= 0, got {spec.lr}")
         if spec.lr == 0:
@@ -60,12 +79,13 @@ def param_groups(model: torch.nn.Module, *, attention: GroupSpec, non_attention:
     return groups
 
 
-def build_optimizer(model, *, attention: GroupSpec, non_attention: GroupSpec, betas=(0.9, 0.95),
-                    eps: float = 1e-8, implementation: str = "fused") -> torch.optim.AdamW:
+def build_optimizer(model, *, attention: GroupSpec, non_attention: GroupSpec,
+                    mask_embedding: GroupSpec | None = None, betas=(0.9, 0.95), eps: float = 1e-8,
+                    implementation: str = "fused") -> torch.optim.AdamW:
     kw = {"foreach": implementation == "foreach", "fused": implementation == "fused"}
     if implementation not in ("foreach", "fused", "for-loop"):
         raise ValueError(f"optimizer.implementation {implementation!r}: expected foreach, fused or for-loop")
-    groups = param_groups(model, attention=attention, non_attention=non_attention)
+    groups = param_groups(model, attention=attention, non_attention=non_attention, mask_embedding=mask_embedding)
     return torch.optim.AdamW(groups, betas=betas, eps=eps, **kw)
 
 

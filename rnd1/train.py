@@ -10,6 +10,7 @@ AdamW with per-group learning rates from the token-space schedule -> metrics -> 
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -21,15 +22,14 @@ import torch
 from rnd1.checkpoint.dcp import CheckpointManager, checkpoint_info
 from rnd1.config import ConfigError, JobConfig, parse_args, validate
 from rnd1.data.shards import DataError
-from rnd1.diffusion.corruption import corrupt_rows
-from rnd1.diffusion.loss import objective_loss
-from rnd1.diffusion.objectives import build_targets
+from rnd1.diffusion.objective import get_objective
 from rnd1.metrics import MetricsLogger, Throughput, measure_matmul_peak, peak_memory_bytes, router_balance
 from rnd1.parallel.env import DistEnv, barrier, destroy, init_distributed
 from rnd1.parallel.fsdp import reshard_all
 from rnd1.training import build as B
 from rnd1.training.guards import NonFiniteGuard
 from rnd1.training.preemption import PreemptionHandler
+from rnd1.training.step import MicroBatch, run_step
 
 
 def log0(env: DistEnv, msg: str) -> None:
@@ -47,6 +47,7 @@ class Trainer:
         if cfg.training.deterministic:
             torch.use_deterministic_algorithms(True)
 
+        self.objective = B.build_objective(cfg)
         self.tokenizer = B.build_tokenizer(cfg)
         self.model_cfg = B.build_model_config(cfg, self.tokenizer)
         if cfg.checkpoint.export_hf_at_end:  # a bad export setting fails now, not after the whole run
@@ -56,7 +57,7 @@ class Trainer:
         self.batch = B.batch_plan(cfg, self.parallel)
         B.set_kernel_backends(cfg)
 
-        self.model = B.build_and_load_model(cfg, self.model_cfg, self.parallel, env)
+        self.model = B.build_and_load_model(cfg, self.model_cfg, self.parallel, env, tokenizer=self.tokenizer)
         self.optimizer, self.schedule = B.build_optimizer_and_schedule(cfg, self.model, self.batch)
         self.train_loader = B.build_loader(cfg, self.datasets, "train", self.batch, self.parallel)
         self.ckpt = CheckpointManager(self.run_dir / cfg.checkpoint.folder, cfg.checkpoint.keep_latest_k)
@@ -162,101 +163,70 @@ class Trainer:
         return nullcontext()
 
     # ----------------------------------------------------------------- one step
-    def _corrupt_microbatches(self, batches):
-        """Corrupt every micro-batch of the step first: the loss divides by the number of target
-        positions in the global batch, which must be known before the first backward."""
-        obj = self.cfg.objective
-        per_step = self.batch.global_batch_tokens // self.batch.seq_len
-        out = []
-        for batch in batches:
-            x0 = batch["input_ids"]
-            c = corrupt_rows(x0, obj.name, self.model_cfg.mask_token_id, seed=self.cfg.training.seed,
-                             sample_ids=batch["sample_ids"], samples_per_step=per_step, eps=obj.eps,
-                             low_discrepancy=obj.low_discrepancy)
-            targets = build_targets(obj.name, x0, c.x_t, c.masked, c.t)
-            out.append((batch, c, targets))
-        local = torch.tensor([float(t.num_targets) for _, _, t in out]).sum()
-        total = self.parallel.all_reduce_dp(local.clone())
-        return out, total
-
     def train_step(self) -> dict:
-        cfg, dev = self.cfg, self.env.device
+        cfg = self.cfg
         self.model.train()
-        batches = [next(self.train_loader) for _ in range(self.batch.grad_accum)]
-        micro, num_targets_global = self._corrupt_microbatches(batches)
-        aux_coef = B.aux_loss_coef(cfg, self.model_cfg)
+        micro = [MicroBatch(b["input_ids"], b["sample_ids"],
+                            b["doc_ids"] if cfg.training.document_masking else None, seed=cfg.training.seed)
+                 for b in (next(self.train_loader) for _ in range(self.batch.grad_accum))]
         # The aux loss of one micro-batch is a mean over its tokens. Like the CE term (divided by the
-        # global target count), it is summed over micro-batches here and over data-parallel ranks by
+        # global normaliser), it is summed over micro-batches here and over data-parallel ranks by
         # FSDP, so each micro-batch's share is 1 / (grad_accum * dp_size): the term is then the mean
         # over the global batch's micro-batches whatever the split (= local / global tokens, as every
         # micro-batch holds local_batch_size x seq_len tokens), and aux_coef means the same on 1 rank or 64.
-        aux_scale = 1.0 / (self.batch.grad_accum * self.parallel.dp_size)
-        loss_sum = torch.zeros((), device=dev)
-        masked = torch.zeros((), device=dev)
-        use_docs = cfg.training.document_masking
-        for batch, c, targets in micro:
-            x_t = c.x_t.to(dev)
-            doc_ids = batch["doc_ids"].to(dev) if use_docs else None
-            targets = targets.to(dev)
-            with self._autocast():
-                hidden = self.model(x_t, doc_ids=doc_ids, return_hidden=True)
-                out = objective_loss(hidden, self.model.lm_head.weight, targets, num_targets_global,
-                                     ce_backend=cfg.kernels.cross_entropy)
-                loss = out.loss * self.parallel.dp_loss_scale
-                if aux_coef > 0:
-                    loss = loss + aux_coef * self.model.moe_aux_loss() * aux_scale
-            loss.backward()
-            loss_sum += out.loss.detach()
-            masked += c.masked.float().mean().to(dev) / self.batch.grad_accum
+        out = run_step(self.model, self.objective, micro, mask_id=self.model_cfg.mask_token_id,
+                       samples_per_step=self.batch.global_batch_tokens // self.batch.seq_len,
+                       all_reduce=self.parallel.all_reduce_dp, backward=True,
+                       aux_coef=B.aux_loss_coef(cfg, self.model_cfg),
+                       aux_scale=1.0 / (self.batch.grad_accum * self.parallel.dp_size),
+                       loss_scale=self.parallel.dp_loss_scale, autocast=self._autocast,
+                       ce_backend=cfg.kernels.cross_entropy, device=self.env.device)
         grad_norm = B.clip_grad_norm(self.model, cfg.training.max_norm)
-        loss_global = self.parallel.all_reduce_dp(loss_sum)
         lrs = self.schedule.apply(self.optimizer, self.tokens_seen)
-        if self.guard.check(loss_global, grad_norm, self.step + 1, self.ckpt.latest):
+        if self.guard.check(out.loss, grad_norm, self.step + 1, self.ckpt.latest):
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.tokens_seen += self.batch.global_batch_tokens
         self.throughput.update(self.batch.global_batch_tokens)
-        return {"loss": loss_global.item(), "grad_norm": grad_norm.item(), "masked_frac": masked.item(),
+        return {"loss": out.loss.item(), "grad_norm": grad_norm.item(), "masked_frac": out.masked_frac,
                 **{f"lr/{k}": v for k, v in lrs.items()}, "tokens": self.tokens_seen,
                 "skipped_steps": self.guard.skipped}
 
     # ----------------------------------------------------------------- validation
     @torch.no_grad()
-    def validate(self) -> float:
-        """Loss on the first ``eval.val_steps`` validation batches with t on a fixed grid and a
-        fixed masking seed, so runs (and branches of a sweep) are comparable."""
+    def validate(self) -> dict:
+        """Per-token NELBO on the first ``eval.val_steps`` validation batches, by a fixed
+        quadrature over t: every batch at every ``eval.val_t_grid`` point (equal weights), with a
+        fixed masking seed per grid point, all weighted CE summed and divided once by the total
+        number of scored positions. ``exp`` of it bounds the perplexity ("PPL <="). The AR
+        objective reports its exact NLL per token on the same positions. Fixed batches, grid and
+        seeds make runs (and branches of a sweep) comparable."""
         cfg = self.cfg
         loader = B.build_loader(cfg, self.datasets, "val", self.batch, self.parallel, seed=cfg.eval.val_seed)
         self.model.eval()
-        grid = list(cfg.eval.val_t_grid) if cfg.objective.name != "ar" else [1.0]
-        total = torch.zeros((), device=self.env.device)
-        count = 0
-        for i in range(cfg.eval.val_steps):
-            batch = next(loader)
-            x0 = batch["input_ids"]
-            # the same attention as in training: per-document when training.document_masking is on
-            doc_ids = batch["doc_ids"].to(self.env.device) if cfg.training.document_masking else None
-            for j, t in enumerate(grid):
-                c = corrupt_rows(x0, cfg.objective.name, self.model_cfg.mask_token_id, seed=cfg.eval.val_seed + j,
-                                 sample_ids=batch["sample_ids"], samples_per_step=1, fixed_t=t)
-                targets = build_targets(cfg.objective.name, x0, c.x_t, c.masked, c.t).to(self.env.device)
-                n = self.parallel.all_reduce_dp(targets.num_targets.float().to(self.env.device))
-                with self._autocast():
-                    hidden = self.model(c.x_t.to(self.env.device), doc_ids=doc_ids, return_hidden=True)
-                    out = objective_loss(hidden, self.model.lm_head.weight, targets, n,
-                                         ce_backend=cfg.kernels.cross_entropy)
-                total += self.parallel.all_reduce_dp(out.loss.float())
-                count += 1
+        grid = list(cfg.eval.val_t_grid) if self.objective.masks else [None]
+        micro = []
+        for _ in range(cfg.eval.val_steps):
+            b = next(loader)
+            docs = b["doc_ids"] if cfg.training.document_masking else None  # the attention training uses
+            micro += [MicroBatch(b["input_ids"], b["sample_ids"], docs, seed=cfg.eval.val_seed + j, fixed_t=t)
+                      for j, t in enumerate(grid)]
+        out = run_step(self.model, self.objective, micro, mask_id=self.model_cfg.mask_token_id, samples_per_step=1,
+                       all_reduce=self.parallel.all_reduce_dp, backward=False, autocast=self._autocast,
+                       ce_backend=cfg.kernels.cross_entropy, device=self.env.device)
         self.model.train()
-        return (total / max(count, 1)).item()
+        nelbo = out.loss.item()
+        bound = "val_ppl_bound" if self.objective.masks else "val_ppl"  # exp(NELBO) bounds the PPL
+        return {"val_loss": nelbo, bound: math.exp(min(nelbo, 700.0))}
 
     def score_tasks(self) -> dict:
         """In-training retention check: the configured JSONL tasks (rnd1.eval.tasks). Every rank
         runs the same examples, so sharded forwards stay in step."""
         from rnd1.eval.tasks import score_tasks
 
-        objective = self.cfg.objective.name if self.model.attention_mode == "bidirectional" else "ar"
+        # during a grafting run's causal phase the model is scored the way it then works: as AR
+        objective = self.objective if self.model.attention_mode == "bidirectional" else get_objective("ar")
         return score_tasks(self.model, self.tokenizer, self.cfg.eval.tasks, objective=objective,
                            mask_id=self.model_cfg.mask_token_id, seed=self.cfg.eval.val_seed)
 
@@ -288,8 +258,7 @@ class Trainer:
                 if cfg.eval.tasks and cfg.eval.task_interval and (self.step % cfg.eval.task_interval == 0 or last):
                     self.metrics.log(self.step, {**self.score_tasks(), "tokens": self.tokens_seen}, prefix="[tasks] ")
                 if cfg.eval.interval and (self.step % cfg.eval.interval == 0 or last):
-                    self.metrics.log(self.step, {"val_loss": self.validate(), "tokens": self.tokens_seen},
-                                     prefix="[val] ")
+                    self.metrics.log(self.step, {**self.validate(), "tokens": self.tokens_seen}, prefix="[val] ")
                 if self.parallel.world_size > 1:
                     reshard_all(self.model)  # after forwards without backward (rnd1/parallel/fsdp.py)
                 interval_hit = cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0

@@ -26,9 +26,11 @@ import statistics
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 
 import torch
 
+from rnd1.diffusion.objective import OBJECTIVES, get_objective
 from rnd1.metrics import measure_matmul_peak
 
 
@@ -64,7 +66,7 @@ def build_rnd1_distributed(a, mcfg):
     set_grouped_mm_backend(a.grouped_mm)
     dims = build_parallel_dims(cfg.parallelism, env)
     with torch.device("meta"):
-        model = Qwen3(mcfg, attention_mode="causal" if a.objective == "ar" else "bidirectional")
+        model = Qwen3(mcfg, attention_mode=get_objective(a.objective).attention)
     model = parallelize_model(model, cfg, dims, env)
     model.to_empty(device="cpu")
     model.init_weights(seed=0)
@@ -78,7 +80,7 @@ def build_rnd1(a, mcfg):
     from rnd1.parallel.compile import apply_compile
 
     set_grouped_mm_backend(a.grouped_mm)
-    model = build_model(mcfg, seed=0, attention_mode="causal" if a.objective == "ar" else "bidirectional",
+    model = build_model(mcfg, seed=0, attention_mode=get_objective(a.objective).attention,
                         dtype=torch.bfloat16 if a.dtype == "bf16-params" else torch.float32)
     if a.impl != "rnd1":  # only the weights are wanted: the peers apply their own options
         return model
@@ -94,29 +96,30 @@ def adamw(params, implementation: str) -> torch.optim.AdamW:
 
 
 def rnd1_step_fn(a, model, mcfg, dims=None):
-    """The trainer's step; with ``dims`` (multi-process), the target count is summed over the
-    data-parallel ranks first, as the trainer does."""
-    from rnd1.diffusion.corruption import corrupt
-    from rnd1.diffusion.loss import objective_loss
-    from rnd1.diffusion.objectives import build_targets
+    """The trainer's step: ``rnd1.training.step.run_step`` (the function ``Trainer.train_step``
+    calls) with the objective from the same registry, noise keyed by global sample index, the
+    normaliser summed over data-parallel ranks (``dims``) and the model config's load-balancing
+    coefficient (the trainer's default), then AdamW."""
+    from rnd1.training.step import MicroBatch, run_step
 
     opt = adamw(model.parameters(), a.optimizer)
-    autocast = a.dtype == "bf16"
-    gen = torch.Generator().manual_seed(0 if dims is None else 1000 + torch.distributed.get_rank())
+    objective = get_objective(a.objective)
+    world, rank = (1, 0) if dims is None else (dims.dp_size, dims.dp_rank)
+    all_reduce = (lambda t: t) if dims is None else dims.all_reduce_dp
+    aux_coef = mcfg.router_aux_loss_coef if mcfg.is_moe else 0.0
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if a.dtype == "bf16" else nullcontext
+    calls = [0]
 
     def step(x0):
-        c = corrupt(x0, a.objective, mcfg.mask_token_id, generator=gen)
-        tg = build_targets(a.objective, x0, c.x_t, c.masked, c.t)
-        n = tg.num_targets if dims is None else dims.all_reduce_dp(torch.tensor(float(tg.num_targets)))
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            h = model(c.x_t, return_hidden=True)
-            loss = objective_loss(h, model.lm_head.weight, tg, n).loss
-            if mcfg.is_moe:
-                loss = loss + 0.001 * model.moe_aux_loss()
-        loss.backward()
+        first = calls[0] * a.batch * world + rank * a.batch  # this rank's rows of the global batch
+        calls[0] += 1
+        mb = MicroBatch(x0, torch.arange(first, first + a.batch), seed=0)
+        out = run_step(model, objective, [mb], mask_id=mcfg.mask_token_id, samples_per_step=a.batch * world,
+                       all_reduce=all_reduce, backward=True, aux_coef=aux_coef, aux_scale=1.0 / world,
+                       autocast=autocast)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return loss
+        return out.loss
 
     return step
 
@@ -241,12 +244,13 @@ def parse(argv=None):
     ap.add_argument("--moe-inter", type=int, default=256)
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--objective", choices=["ar", "a2d", "mdlm"], default="ar")
+    ap.add_argument("--objective", choices=list(OBJECTIVES), default="ar")
     ap.add_argument("--dtype", choices=["fp32", "bf16", "bf16-params"], default="bf16",
                     help="bf16: fp32 params + bf16 autocast; bf16-params: bf16 parameters")
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--ac", choices=["none", "full", "selective"], default="none")
-    ap.add_argument("--grouped-mm", default="auto", help="expert matmul backend: auto, loop, torch, kernels")
+    ap.add_argument("--grouped-mm", default="auto", choices=["auto", "reference", "triton"],
+                    help="expert matmul backend (kernels/backend.py)")
     ap.add_argument("--optimizer", choices=["fused", "foreach", "for-loop"], default="fused",
                     help="this project's AdamW kernel (the trainer's default: fused)")
     ap.add_argument("--peer-optimizer", choices=["fused", "foreach", "for-loop"], default="foreach",

@@ -35,7 +35,8 @@ def main(argv=None) -> int:
     ap.add_argument("--token-budget", type=int, required=True)
     ap.add_argument("--eval-tokens", type=int, required=True, help="validate every this many tokens")
     ap.add_argument("--base-batch-tokens", type=int, help="B0 of the sqrt rule (default: the smallest batch)")
-    ap.add_argument("--warmup-tokens", type=int, default=0)
+    ap.add_argument("--warmup-tokens", type=int, default=None,
+                    help="linear warmup of every branch, in tokens (default: 1%% of --token-budget, the paper's)")
     ap.add_argument("--tolerance", type=float, default=0.01, help="relative loss tolerance of the CBS rule")
     ap.add_argument("--nproc", type=int, default=1)
     ap.add_argument("--out", default="outputs/cbs")
@@ -49,7 +50,8 @@ def main(argv=None) -> int:
             checkpoint=args.checkpoint, batch_tokens=args.batch_tokens, token_budget=args.token_budget,
             base_batch_tokens=args.base_batch_tokens or min(args.batch_tokens),
             lr_attention=cfg.optimizer.lr_attention, lr_non_attention=cfg.optimizer.lr_non_attention,
-            warmup_tokens=args.warmup_tokens, eval_tokens=args.eval_tokens, seq_len=cfg.training.seq_len,
+            warmup_tokens=args.token_budget // 100 if args.warmup_tokens is None else args.warmup_tokens,
+            eval_tokens=args.eval_tokens, seq_len=cfg.training.seq_len,
             out_dir=args.out)
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -82,7 +84,7 @@ def main(argv=None) -> int:
         curves[b.batch_tokens] = list(zip(xs, ys))
         final[b.batch_tokens] = ys[-1]
     cbs, rule = estimate_cbs(final, args.tolerance)
-    lines = ["| global batch (tokens) | steps | lr_attention | final val loss | wall time (s) |", "|---|---|---|---|---|"]
+    lines = ["| global batch (tokens) | steps | lr_attention | final val NELBO/token | wall time (s) |", "|---|---|---|---|---|"]
     for b in branches:
         lines.append(f"| {b.batch_tokens:,} | {b.steps} | {b.lr_attention:.3g} | {final[b.batch_tokens]:.4f} | "
                      f"{timings[b.name]:.0f} |")
@@ -99,7 +101,7 @@ def main(argv=None) -> int:
         fig, ax = plt.subplots(figsize=(6.5, 4.2))
         for B, pts in curves.items():
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"B = {B:,} tokens")
-        ax.set(xlabel="tokens", ylabel="validation loss", title=f"branched from {args.checkpoint}")
+        ax.set(xlabel="tokens", ylabel="validation NELBO per token", title=f"branched from {args.checkpoint}")
         ax.legend()
         fig.tight_layout()
         fig.savefig(out / "cbs.png", dpi=110)

@@ -15,13 +15,16 @@ from rnd1.tools.runs import read_run
 
 
 def table(runs) -> str:
-    lines = ["| run | tokens | final train loss | final val loss |", "|---|---|---|---|"]
+    """Final train loss and validation NELBO per token (with its perplexity bound; the exact
+    perplexity for an AR run) of each run."""
+    lines = ["| run | tokens | final train loss | final val NELBO/token | PPL bound |", "|---|---|---|---|---|"]
     for r in runs:
         toks = r.train[-1]["tokens"] if r.train else 0
         val = r.final("val_loss", "val")
         train = r.final("loss")
-        lines.append(f"| {r.name} | {toks:,} | {train:.4f} | {val:.4f} |" if val is not None
-                     else f"| {r.name} | {toks:,} | {train:.4f} | - |")
+        ppl = r.final("val_ppl_bound", "val") or r.final("val_ppl", "val")
+        lines.append(f"| {r.name} | {toks:,} | {train:.4f} | {val:.4f} | {ppl:,.2f} |" if val is not None and ppl
+                     else f"| {r.name} | {toks:,} | {train:.4f} | {'-' if val is None else f'{val:.4f}'} | - |")
     return "\n".join(lines)
 
 
@@ -40,7 +43,7 @@ def plot(runs, out: Path, smooth: int = 10) -> None:
         if r.val:
             b.plot(*r.series("val_loss", "val"), "o-", label=r.name)
     a.set(xlabel="tokens", ylabel=f"train loss (moving average of {smooth})", title="train loss")
-    b.set(xlabel="tokens", ylabel="validation loss (fixed t grid)", title="validation loss")
+    b.set(xlabel="tokens", ylabel="validation NELBO per token (fixed t quadrature)", title="validation")
     a.legend()
     b.legend()
     fig.tight_layout()

@@ -13,38 +13,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 
+from rnd1.checkpoint.load import load_for_inference, recorded_objective
 from rnd1.data.tokenizer import load_tokenizer
+from rnd1.diffusion.objective import OBJECTIVES, get_objective
 from rnd1.generate import STRATEGIES, ar_generate, diffusion_generate
-
-
-def load_model(checkpoint: str, model: str, objective: str):
-    from rnd1.checkpoint.dcp import is_dcp_checkpoint, load_model_weights
-    from rnd1.checkpoint.hf import load_pretrained, model_config_from_hf
-    from rnd1.model.config import ModelConfig, get_preset
-    from rnd1.model.qwen3 import build_model
-
-    from rnd1.checkpoint.dcp import checkpoint_info
-
-    attention = "causal" if objective == "ar" else "bidirectional"
-    if is_dcp_checkpoint(checkpoint):
-        saved = checkpoint_info(checkpoint).get("model_config")
-        p = Path(model) if model else None
-        if saved is not None and not model:  # the trainer records the exact config (mask id included)
-            cfg = ModelConfig.from_hf_config(saved)
-        elif p is not None and p.exists():
-            cfg = model_config_from_hf(p)
-        elif model:
-            cfg = get_preset(model)
-        else:
-            raise ValueError(f"{checkpoint}: no model config recorded; pass --model PRESET or a HF config")
-        m = build_model(cfg, seed=0, attention_mode=attention)
-        load_model_weights(m, checkpoint)
-        return m
-    return load_pretrained(checkpoint, attention=attention)
 
 
 def main(argv=None) -> int:
@@ -54,7 +29,8 @@ def main(argv=None) -> int:
                                                 "its model config (trainer checkpoints do)")
     ap.add_argument("--tokenizer", default="byte")
     ap.add_argument("--prompt", action="append", required=True, help="repeatable: a batch of prompts")
-    ap.add_argument("--objective", choices=["a2d", "mdlm", "ar"], default="a2d")
+    ap.add_argument("--objective", choices=list(OBJECTIVES), default="",
+                    help="how to read the model (default: the one a trainer checkpoint records, else a2d)")
     ap.add_argument("--gen-length", type=int, default=64)
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--block-length", type=int, default=0)
@@ -67,18 +43,19 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     try:
         tok = load_tokenizer(args.tokenizer)
-        model = load_model(args.checkpoint, args.model, args.objective).eval()
+        objective = get_objective(args.objective or recorded_objective(args.checkpoint))
+        model = load_for_inference(args.checkpoint, args.model, objective).eval()
     except (OSError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     prompts = [tok.encode(p) for p in args.prompt]
-    if args.objective == "ar":
+    if not objective.masks:
         out = ar_generate(model, prompts, max_new_tokens=args.gen_length, eos_id=tok.eos_id,
                           vocab_limit=tok.vocab_size)
     else:
         out = diffusion_generate(
             model, prompts, gen_length=args.gen_length, steps=args.steps, mask_id=model.config.mask_token_id,
-            objective=args.objective, block_length=args.block_length or None, strategy=args.strategy,
+            objective=objective, block_length=args.block_length or None, strategy=args.strategy,
             threshold=args.threshold, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
             eos_id=tok.eos_id, generator=torch.Generator().manual_seed(args.seed), vocab_limit=tok.vocab_size)
     for p, t in zip(args.prompt, out.tokens):

@@ -45,7 +45,7 @@ def test_include_merges_and_cycles_fail(tmp_path):
     (["--training.stepz=3"], "unknown key training.stepz; did you mean 'steps'?"),
     (["--trainig.steps=3"], "unknown section [trainig]; did you mean 'training'?"),
     (["--training.steps=ten"], "training.steps (from --training.steps): expected int, got 'ten'"),
-    (["--objective.name=diffusion"], "'diffusion' is not one of 'a2d', 'mdlm', 'ar'"),
+    (["--objective.name=diffusion"], "'diffusion' is not an objective; expected one of 'a2d', 'mdlm', 'ar'"),
     (["--objective.eps=1.5"], "objective.eps (from --objective.eps): 1.5 must be in (0, 1)"),
     (["--training.seq_len=0"], "must be > 0"),
     (["--training.document_masking=maybe"], "expected true or false"),

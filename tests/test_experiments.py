@@ -37,6 +37,24 @@ def test_branches_scale_lr_and_align_tokens():
         _branches(eval_tokens=1024)
 
 
+def test_cbs_sweep_warms_up_over_1_percent_of_the_budget_by_default():
+    """The paper's warmup for the branched runs: 1% of the token budget, whatever the config's
+    warmup_fraction says (which would otherwise apply per branch)."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, str(REPO / "scripts" / "cbs_sweep.py"), "--config", str(REPO / "train_configs" /
+           "debug_model.toml"), "--checkpoint", "ck", "--batch-tokens", "1024", "2048", "--token-budget", "409600",
+           "--eval-tokens", "4096", "--print-only"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 2 and all("--lr_schedule.warmup_tokens=4096" in line for line in lines)
+    assert all("--lr_schedule.warmup_fraction=0" in line for line in lines)
+    out = subprocess.run(cmd + ["--warmup-tokens", "0"], capture_output=True, text=True, timeout=120)
+    assert "--lr_schedule.warmup_tokens=0" in out.stdout
+
+
 def test_branches_see_identical_data_order(tmp_path, byte_dataset):
     """The sample stream does not depend on the batch size: 4 batches of 2 == 1 batch of 8."""
     sp = TokenDataset(byte_dataset).split("train")

@@ -45,6 +45,20 @@ def main():
         ms = triton.testing.do_bench(run(lambda: grouped_mm(x, w.transpose(1, 2), offs, backend="triton")))
         print(f"triton grouped GEMM fwd+bwd: {ms:.3f} ms, {flops / ms / 1e9:.1f} TFLOP/s "
               f"({flops / ms / 1e9 / 989:.1%} of H100 dense bf16 peak)")
+        # Every candidate tile (forward and dW kernels alone), and the one the shape-keyed pick uses.
+        from kernels import grouped_gemm as gg
+
+        xd, wt, dyd = x.detach(), w.detach().transpose(1, 2), dy
+        key = gg.shape_key(a.rows, a.groups, a.k, a.m)
+        for kind, cands, call, f in [
+                ("fwd", gg.GPU_CONFIGS, lambda c: gg.grouped_mm_triton(xd, wt, offs, config=c), 2 * a.rows * a.k * a.m),
+                ("dw", gg.DW_GPU_CONFIGS, lambda c: gg.grouped_mm_dw_triton(xd, dyd, offs, a.groups, config=c, like=wt),
+                 2 * a.rows * a.k * a.m)]:
+            picked = gg._pick_config(key, cands)
+            for c in cands:
+                ms = triton.testing.do_bench(lambda c=c: call(c))
+                print(f"  {gg.config_name(kind, c):34} {ms * 1e3:8.1f} us {f / ms / 1e9:7.1f} TFLOP/s"
+                      f"{'  <- shape-keyed pick' if c is picked else ''}")
         return
 
     def naive():

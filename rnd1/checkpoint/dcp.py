@@ -200,9 +200,24 @@ def is_dcp_checkpoint(path: str | Path) -> bool:
 
 def load_model_weights(model: torch.nn.Module, folder: str | Path) -> Path:
     """Load only the model weights of a DCP checkpoint (step folder or checkpoint root) into
-    ``model`` (plain or sharded). Used to initialise runs, to generate and to export."""
+    ``model`` (plain or sharded). Used to initialise runs, to generate and to export.
+
+    A checkpoint written before ``Qwen3.mask_embedding`` existed lacks it: then the mask row is
+    copied from the loaded table, which is what such a model looked the mask id up in."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
     path = resolve_checkpoint_dir(folder)
-    dcp.load({"app": ModelOptimState(model, None)}, checkpoint_id=str(path))
+    saved = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    missing = sorted(k for k in get_model_state_dict(model) if f"app.model.{k}" not in saved)
+    old = missing == ["mask_embedding"]
+    if missing and not old:
+        shown = ", ".join(missing[:5]) + (f", ... ({len(missing) - 5} more)" if len(missing) > 5 else "")
+        raise CheckpointError(f"{path}: checkpoint lacks {len(missing)} model parameters: {shown}")
+    dcp.load({"app": ModelOptimState(model, None)}, checkpoint_id=str(path),
+             planner=DefaultLoadPlanner(allow_partial_load=old))
+    if old:
+        model.init_mask_embedding("table")
     return path
 
 

@@ -10,6 +10,12 @@ then the data of each file is copied into the parameters piece by piece. Per-exp
 Export writes what released checkpoints look like (per-expert names, ``model.`` prefix, sharded
 safetensors + index, config.json) into a temporary folder renamed into place at the end, so a crash
 never leaves a half-written export that looks complete.
+
+The model's separate [MASK] input embedding (``Qwen3.mask_embedding``) has no tensor of its own in
+these files: import fills it from the embedding table's mask row, export writes it into that row.
+Exports therefore stay plain Qwen3 checkpoints, and what they compute for the mask id is what the
+trained model did (with a tied head the head's mask row becomes the learned embedding too: the
+mask id is never a target, and samplers exclude it).
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ _EXPERT_RE = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_pro
 _GATE_UP_RE = re.compile(r"^layers\.(\d+)\.mlp\.experts\.gate_up_proj$")
 _ROUTER_RE = re.compile(r"^layers\.(\d+)\.mlp\.gate\.weight$")
 _MAX_LISTED = 5
+MASK_EMBEDDING = "mask_embedding"  # Qwen3's separate [MASK] row: stored as the table's mask row
 
 
 class HFCheckpointError(ValueError):
@@ -94,11 +101,18 @@ def model_config_from_hf(path: str | Path, **overrides) -> ModelConfig:
 @dataclass(frozen=True)
 class _Piece:
     """Where (part of) one checkpoint tensor goes: our parameter, expert slot (None: the whole
-    parameter) and, for a fused gate_up tensor, which rows of dim 1 to take."""
+    parameter), for a fused gate_up tensor which rows of dim 1 to take, and for the [MASK]
+    embedding which row of the table (dim 0)."""
 
     name: str
     expert: int | None = None
     rows: tuple[int, int] | None = None
+    row: int | None = None
+
+    def take(self, t: torch.Tensor) -> torch.Tensor:
+        if self.row is not None:
+            return t[self.row]
+        return t if self.rows is None else t[:, self.rows[0]:self.rows[1]]
 
 
 def _map_name(hf_name: str, shapes: dict[str, torch.Size], cfg: ModelConfig) -> tuple[list[_Piece], tuple] | None:
@@ -107,6 +121,8 @@ def _map_name(hf_name: str, shapes: dict[str, torch.Size], cfg: ModelConfig) -> 
     name = hf_name[len("model."):] if hf_name.startswith("model.") else hf_name
     if name == "lm_head.weight" and cfg.tie_word_embeddings and name not in shapes:
         return [], ()  # tied: the head is the embedding
+    if name == "embed_tokens.weight" and name in shapes and MASK_EMBEDDING in shapes:
+        return [_Piece(name), _Piece(MASK_EMBEDDING, row=cfg.mask_token_id)], tuple(shapes[name])
     if name in shapes:
         return [_Piece(name)], tuple(shapes[name])
     if m := _EXPERT_RE.match(name):
@@ -314,7 +330,7 @@ def _load(plan: _Plan, path: Path, model: torch.nn.Module, copy_fn: CopyFn | Non
                 for hf_name, pieces in assign.items():
                     t = fh.get_tensor(hf_name)
                     for p in pieces:
-                        deliver(p, t if p.rows is None else t[:, p.rows[0]:p.rows[1]])
+                        deliver(p, p.take(t))
         except HFCheckpointError:
             raise
         except Exception as e:
@@ -424,7 +440,10 @@ def save_pretrained(model: Qwen3, path: str | Path, max_shard_size: int | str = 
     if path.exists() and not overwrite and (not path.is_dir() or any(path.iterdir())):
         raise HFCheckpointError(f"{path}: already exists and is not empty (pass overwrite=True)")
 
-    params = list(model.named_parameters())
+    # The [MASK] row goes into the table (gathered first: a collective, same order on every rank).
+    mask_row = {canonical_name(n): p for n, p in model.named_parameters()}.get(MASK_EMBEDDING)
+    mask_row = None if mask_row is None else _full(mask_row)
+    params = [(n, p) for n, p in model.named_parameters() if canonical_name(n) != MASK_EMBEDDING]
     entries = []  # (hf name, param index, expert, nbytes)
     for i, (name, p) in enumerate(params):
         out_dtype = dtype or p.dtype
@@ -455,7 +474,11 @@ def save_pretrained(model: Qwen3, path: str | Path, max_shard_size: int | str = 
             tensors = {}
             for hf_name, i, e, nbytes in shard:
                 if cached is None or cached[0] != i:
-                    cached = (i, _full(params[i][1]).to(dtype or params[i][1].dtype))
+                    full = _full(params[i][1])
+                    if mask_row is not None and canonical_name(params[i][0]) == "embed_tokens.weight":
+                        full = full.clone()  # on the CPU _full may share the parameter's storage
+                        full[cfg.mask_token_id] = mask_row.to(full.dtype)
+                    cached = (i, full.to(dtype or params[i][1].dtype))
                 t = cached[1] if e is None else cached[1][e]
                 tensors[hf_name] = t.clone().contiguous()  # own storage: safetensors refuses shared views
                 weight_map[hf_name] = fname

@@ -42,47 +42,27 @@ def mask_tokens(x0: torch.Tensor, t: torch.Tensor, mask_id: int, *, generator: t
     return torch.where(masked, torch.full_like(x0, mask_id), x0), masked
 
 
-def corrupt(x0: torch.Tensor, objective: str, mask_id: int, *, eps: float = 1e-3,
-            generator: torch.Generator | None = None, low_discrepancy: bool = False,
-            t: torch.Tensor | None = None, never_mask: torch.Tensor | None = None) -> Corruption:
-    """Corrupt a batch for ``objective``. ``ar`` leaves it clean (t = 1, nothing masked);
-    ``a2d`` never masks position 0 (there is no position -1 whose output could predict it).
-    ``t`` fixes the noise levels (validation on a fixed grid)."""
-    B, L = x0.shape
-    if objective == "ar":
-        return Corruption(x0, torch.zeros_like(x0, dtype=torch.bool), torch.ones(B))
-    if objective not in ("mdlm", "a2d"):
-        raise ValueError(f"objective {objective!r} unknown; expected 'ar', 'mdlm' or 'a2d'")
-    if t is None:
-        t = sample_t(B, eps=eps, generator=generator, low_discrepancy=low_discrepancy)
-    protect = torch.zeros_like(x0, dtype=torch.bool)
-    if objective == "a2d":
-        protect[:, 0] = True
-    if never_mask is not None:
-        protect |= never_mask
-    x_t, masked = mask_tokens(x0, t, mask_id, generator=generator, never_mask=protect)
-    return Corruption(x_t, masked, t.float())
-
-
 def _row_generator(seed: int, key: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 0x9E3779B1 + key * 0x85EBCA77 + 0x632BE5AB) % (2**63 - 1))
 
 
-def corrupt_rows(x0: torch.Tensor, objective: str, mask_id: int, *, seed: int, sample_ids: torch.Tensor,
-                 samples_per_step: int, eps: float = 1e-3, low_discrepancy: bool = False,
-                 fixed_t: float | None = None) -> Corruption:
-    """``corrupt`` with noise keyed by each sequence's global sample index, not by where the
-    sequence happens to be processed: the same sample gets the same t and mask whatever the
-    number of ranks or gradient-accumulation steps, and after a resume (no RNG state needed).
+def corrupt_rows(x0: torch.Tensor, mask_id: int, *, seed: int, sample_ids: torch.Tensor, samples_per_step: int,
+                 eps: float = 1e-3, low_discrepancy: bool = False, fixed_t: float | None = None,
+                 protect: torch.Tensor | None = None) -> Corruption:
+    """Mask each token of row b with probability t_b, never where ``protect`` [B, L] is True.
+
+    Noise is keyed by each sequence's global sample index, not by where the sequence happens to
+    be processed: the same sample gets the same t and mask whatever the number of ranks or
+    gradient-accumulation steps, and after a resume (no RNG state needed).
 
     ``low_discrepancy`` stratifies t over the global batch of ``samples_per_step`` sequences:
     t_g = eps + (1 - eps) * ((u_step + (g mod G) / G) mod 1), u_step drawn per step.
-    ``fixed_t`` gives every row that noise level (validation on a fixed grid)."""
-    B, _ = x0.shape
-    if objective == "ar":
-        return corrupt(x0, "ar", mask_id)
+    ``fixed_t`` gives every row that noise level (validation on a fixed grid). Which positions
+    are protected is the objective's business (``rnd1.diffusion.objective``)."""
+    if not 0.0 < eps < 1.0:
+        raise ValueError(f"eps must be in (0, 1), got {eps}")
     ts, masks = [], []
-    for b, g in enumerate(sample_ids.tolist()):
+    for g in sample_ids.tolist():
         gen = _row_generator(seed, g)
         if fixed_t is not None:
             t = torch.tensor([float(fixed_t)])
@@ -98,8 +78,6 @@ def corrupt_rows(x0: torch.Tensor, objective: str, mask_id: int, *, seed: int, s
     t = torch.cat(ts).float()
     u = torch.stack(masks).to(x0.device)
     masked = u < t.to(x0.device)[:, None]
-    if objective == "a2d":
-        masked[:, 0] = False
-    elif objective != "mdlm":
-        raise ValueError(f"objective {objective!r} unknown; expected 'ar', 'mdlm' or 'a2d'")
+    if protect is not None:
+        masked &= ~protect.to(x0.device)
     return Corruption(torch.where(masked, torch.full_like(x0, mask_id), x0), masked, t)

@@ -27,32 +27,10 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError("rnd1.eval.harness needs lm-evaluation-harness: pip install -e '.[eval]'") from e
 
 from rnd1.data.tokenizer import load_tokenizer
+from rnd1.checkpoint.load import load_for_inference, recorded_objective
+from rnd1.diffusion.objective import get_objective
 from rnd1.eval.likelihood import ar_loglikelihood, elbo_loglikelihood
 from rnd1.generate import ar_generate, diffusion_generate
-
-
-def _load(checkpoint: str, model: str, objective: str):
-    from pathlib import Path
-
-    from rnd1.checkpoint.dcp import checkpoint_info, is_dcp_checkpoint, load_model_weights
-    from rnd1.checkpoint.hf import load_pretrained, model_config_from_hf
-    from rnd1.model.config import ModelConfig, get_preset
-    from rnd1.model.qwen3 import build_model
-
-    attention = "causal" if objective == "ar" else "bidirectional"
-    if not is_dcp_checkpoint(checkpoint):
-        return load_pretrained(checkpoint, attention=attention)
-    saved = checkpoint_info(checkpoint).get("model_config")
-    if model:
-        p = Path(model)
-        cfg = model_config_from_hf(p) if p.exists() else get_preset(model)
-    elif saved:
-        cfg = ModelConfig.from_hf_config(saved)
-    else:
-        raise ValueError(f"{checkpoint}: no model config recorded; pass model=PRESET")
-    m = build_model(cfg, seed=0, attention_mode=attention)
-    load_model_weights(m, checkpoint)
-    return m
 
 
 @register_model("rnd1")
@@ -65,14 +43,10 @@ class RND1HarnessLM(LM):
         if lm is None:
             if not checkpoint:
                 raise ValueError("rnd1 harness model: pass checkpoint=<DCP checkpoint or HF folder>")
-            from rnd1.checkpoint.dcp import checkpoint_info, is_dcp_checkpoint
-
-            if not objective:
-                objective = checkpoint_info(checkpoint).get("objective", "a2d") if is_dcp_checkpoint(checkpoint) \
-                    else "a2d"
-            lm = _load(checkpoint, model, objective)
+            objective = objective or recorded_objective(checkpoint)
+            lm = load_for_inference(checkpoint, model, objective)
         self.model = lm.eval()
-        self.objective = objective or "a2d"
+        self.objective = get_objective(objective or "a2d")
         self.mask_id = self.model.config.mask_token_id
         self.mc_samples, self.gen_length, self.gen_steps = int(mc_samples), int(gen_length), int(gen_steps)
         self.block_length, self.strategy = int(block_length), strategy
@@ -84,7 +58,7 @@ class RND1HarnessLM(LM):
         ctx, cont = self.tok.encode(context), self.tok.encode(continuation)
         if not ctx:
             ctx = [self.tok.eos_id]
-        if self.objective == "ar":
+        if not self.objective.masks:
             return ar_loglikelihood(self.model, ctx, cont)
         ll = elbo_loglikelihood(self.model, ctx, cont, mask_id=self.mask_id, objective=self.objective,
                                 num_samples=self.mc_samples, generator=self.gen)
@@ -104,7 +78,7 @@ class RND1HarnessLM(LM):
             prompts = [self.tok.encode(r.args[0]) or [self.tok.eos_id] for r in chunk]
             kwargs = [r.args[1] if len(r.args) > 1 else {} for r in chunk]
             length = max(int(k.get("max_gen_toks", self.gen_length)) for k in kwargs)
-            if self.objective == "ar":
+            if not self.objective.masks:
                 res = ar_generate(self.model, prompts, max_new_tokens=length, eos_id=self.tok.eos_id,
                                   vocab_limit=self.tok.vocab_size)
             else:

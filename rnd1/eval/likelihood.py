@@ -13,14 +13,7 @@ from __future__ import annotations
 
 import torch
 
-
-def _read(logits: torch.Tensor, objective: str) -> torch.Tensor:
-    """[B, L, V] outputs -> [B, L, V] predictions *for* each position."""
-    if objective == "a2d":
-        out = torch.full_like(logits, float("nan"))
-        out[:, 1:] = logits[:, :-1]
-        return out
-    return logits
+from rnd1.diffusion.objective import Objective, get_objective
 
 
 @torch.no_grad()
@@ -36,12 +29,13 @@ def ar_loglikelihood(model, context: list[int], continuation: list[int]) -> tupl
 
 
 @torch.no_grad()
-def elbo_loglikelihood(model, context: list[int], continuation: list[int], *, mask_id: int, objective: str = "a2d",
-                       num_samples: int = 32, eps: float = 1e-3, batch_size: int = 16,
-                       generator: torch.Generator | None = None) -> float:
+def elbo_loglikelihood(model, context: list[int], continuation: list[int], *, mask_id: int,
+                       objective: "str | Objective" = "a2d", num_samples: int = 32, eps: float = 1e-3,
+                       batch_size: int = 16, generator: torch.Generator | None = None) -> float:
     """Monte Carlo ELBO of log p(continuation | context) with ``num_samples`` masks."""
-    if objective == "a2d" and not context:
-        raise ValueError("a2d scoring needs a non-empty context (position 0 is never predicted)")
+    objective = get_objective(objective)
+    if objective.shift and not context:
+        raise ValueError(f"{objective.name} scoring needs a non-empty context (position 0 is never predicted)")
     x0 = torch.tensor(context + continuation)
     L, n0, n = len(x0), len(context), len(continuation)
     u = torch.rand((), generator=generator)
@@ -53,7 +47,7 @@ def elbo_loglikelihood(model, context: list[int], continuation: list[int], *, ma
         m = torch.zeros(B, L, dtype=torch.bool)
         m[:, n0:] = torch.rand(B, n, generator=generator) < t[:, None]
         x_t = torch.where(m, torch.full_like(x0, mask_id).expand(B, L), x0.expand(B, L))
-        logp = torch.log_softmax(_read(model(x_t).float(), objective), dim=-1)
+        logp = torch.log_softmax(objective.predictions(model(x_t).float()), dim=-1)
         lp = logp.gather(2, x0.expand(B, L)[..., None]).squeeze(2)
         lp = torch.where(m, lp, torch.zeros_like(lp))
         total += float((lp.sum(1) / t).sum())
@@ -61,11 +55,21 @@ def elbo_loglikelihood(model, context: list[int], continuation: list[int], *, ma
 
 
 @torch.no_grad()
-def loglikelihood_rolling(model, tokens: list[int], *, objective: str, mask_id: int | None = None,
+def loglikelihood_rolling(model, tokens: list[int], *, objective: "str | Objective", mask_id: int | None = None,
                           num_samples: int = 32, generator: torch.Generator | None = None) -> float:
     """Log-likelihood of a whole text (perplexity): exact for AR; for diffusion the ELBO of
     tokens[1:] given the first token."""
-    if objective == "ar":
-        return ar_loglikelihood(model, tokens[:1], tokens[1:])[0]
-    return elbo_loglikelihood(model, tokens[:1], tokens[1:], mask_id=mask_id, objective=objective,
+    return continuation_loglikelihood(model, tokens[:1], tokens[1:], objective=objective, mask_id=mask_id,
+                                      num_samples=num_samples, generator=generator)
+
+
+def continuation_loglikelihood(model, context: list[int], continuation: list[int], *,
+                               objective: "str | Objective", mask_id: int | None = None, num_samples: int = 32,
+                               generator: torch.Generator | None = None) -> float:
+    """log p(continuation | context) the way ``objective`` reads the model: exact for an objective
+    that does not mask (AR), the Monte Carlo ELBO for a diffusion objective."""
+    objective = get_objective(objective)
+    if not objective.masks:
+        return ar_loglikelihood(model, context, continuation)[0]
+    return elbo_loglikelihood(model, context, continuation, mask_id=mask_id, objective=objective,
                               num_samples=num_samples, generator=generator)

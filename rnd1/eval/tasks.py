@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from rnd1.data.jsonl import read_jsonl
-from rnd1.eval.likelihood import ar_loglikelihood, elbo_loglikelihood
+from rnd1.diffusion.objective import Objective, get_objective
+from rnd1.eval.likelihood import continuation_loglikelihood
 from rnd1.generate import ar_generate, diffusion_generate
 
 
@@ -37,19 +38,17 @@ def load_task(path: str | Path) -> list[dict]:
     return rows
 
 
-def loglikelihood(model, tok, context: str, continuation: str, *, objective: str, mask_id: int,
+def loglikelihood(model, tok, context: str, continuation: str, *, objective: "str | Objective", mask_id: int,
                   num_samples: int, generator: torch.Generator | None) -> float:
-    ctx, cont = tok.encode(context), tok.encode(continuation)
-    if objective == "ar":
-        return ar_loglikelihood(model, ctx, cont)[0]
-    return elbo_loglikelihood(model, ctx, cont, mask_id=mask_id, objective=objective, num_samples=num_samples,
-                              generator=generator)
+    return continuation_loglikelihood(model, tok.encode(context), tok.encode(continuation), objective=objective,
+                                      mask_id=mask_id, num_samples=num_samples, generator=generator)
 
 
 @torch.no_grad()
-def score_tasks(model, tok, task_files: list[str], *, objective: str, mask_id: int, num_samples: int = 16,
-                gen_length: int = 32, gen_steps: int = 16, seed: int = 0) -> dict[str, float]:
+def score_tasks(model, tok, task_files: list[str], *, objective: "str | Objective", mask_id: int,
+                num_samples: int = 16, gen_length: int = 32, gen_steps: int = 16, seed: int = 0) -> dict[str, float]:
     """{task name: accuracy or exact match} for each task file (evaluated in eval mode)."""
+    objective = get_objective(objective)
     was_training = model.training
     model.eval()
     out = {}
@@ -65,7 +64,7 @@ def score_tasks(model, tok, task_files: list[str], *, objective: str, mask_id: i
                     correct += int(max(range(len(scores)), key=scores.__getitem__) == ex["label"])
                 else:
                     ids = [tok.encode(ex["prompt"])]
-                    if objective == "ar":
+                    if not objective.masks:
                         gen = ar_generate(model, ids, max_new_tokens=gen_length, eos_id=tok.eos_id,
                                           vocab_limit=tok.vocab_size)
                     else:

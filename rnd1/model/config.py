@@ -107,7 +107,7 @@ class ModelConfig:
             else:
                 total += dense_mlp
                 active += dense_mlp
-        embed = self.vocab_size * H
+        embed = self.vocab_size * H + H  # the table + Qwen3.mask_embedding, the [MASK] row kept apart
         head = 0 if self.tie_word_embeddings else self.vocab_size * H
         final_norm = H
         body_total = total + final_norm + head

@@ -1,9 +1,10 @@
 """Qwen3 and Qwen3-MoE in plain PyTorch, one code path for dense and sparse layers.
 
 The math follows Hugging Face ``transformers`` (RMSNorm in fp32, rotate-half RoPE, per-head q/k
-RMSNorm, grouped-query attention) so a converted checkpoint computes the same logits. Two things
+RMSNorm, grouped-query attention) so a converted checkpoint computes the same logits. Three things
 are new for diffusion: the attention mode can be switched between causal and bidirectional at run
-time (``set_attention_mode``), and packed sequences can be masked per document (``doc_ids``).
+time (``set_attention_mode``), packed sequences can be masked per document (``doc_ids``), and the
+[MASK] token's input embedding is a parameter of its own (``mask_embedding``, below).
 The model knows nothing of parallelism: FSDP, expert parallelism, activation checkpointing and
 compilation are applied from ``rnd1/parallel/``.
 """
@@ -124,6 +125,15 @@ class Qwen3(nn.Module):
         super().__init__()
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # The [MASK] token's input embedding, split off the table: RND1's mask id (151669) is a
+        # padding row of Qwen3's table that pretraining never updated, and under the recipe's
+        # non-attention LR (1e-8) it would never move. As a parameter of its own it gets its own
+        # init and learning rate (``init_mask_embedding``, the optimiser's ``mask_embedding``
+        # group). Lookups of the mask id read it, never the table row; a tied head still scores
+        # the mask id with the table row (never a target, and samplers exclude it). HF import
+        # fills it from the table row and export writes it back there (rnd1/checkpoint/hf.py), so
+        # files keep the standard Qwen3 layout. Starts as a copy of the row: same function.
+        self.mask_embedding = nn.Parameter(self.embed_tokens.weight[cfg.mask_token_id].detach().clone())
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
@@ -160,6 +170,8 @@ class Qwen3(nn.Module):
                              f"{self.config.max_position_embeddings}")
         causal = self.attention_mode == "causal"
         h = self.embed_tokens(input_ids)
+        is_mask = (input_ids == self.config.mask_token_id).unsqueeze(-1)
+        h = torch.where(is_mask, self.mask_embedding.to(h.dtype), h)
         if positions is None:
             positions = torch.arange(L, device=input_ids.device).expand(B, L)
         cos, sin = rotary_cos_sin(positions, self.config.head_dim, self.config.rope_theta, h.dtype)
@@ -188,17 +200,53 @@ class Qwen3(nn.Module):
     @torch.no_grad()
     def init_weights(self, seed: int | None = None, std: float = 0.02) -> None:
         """Random init for random-init runs (HF's normal(0, 0.02) convention, norms at 1). Works
-        after ``to_empty`` from the meta device; with a seed it is reproducible."""
+        after ``to_empty`` from the meta device; with a seed it is reproducible. The mask
+        embedding draws nothing of its own: it copies the table's random mask row, so adding it
+        left every other parameter's draw (and the model's function) unchanged."""
         gen = None
         if seed is not None:
             gen = torch.Generator(device="cpu").manual_seed(seed)
         for name, p in self.named_parameters():
+            if name == "mask_embedding":
+                continue
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
             elif name.endswith(".bias"):
                 p.zero_()
             else:
                 _normal_(p, std, gen)
+        self.init_mask_embedding("table")
+
+    @torch.no_grad()
+    def init_mask_embedding(self, how: str, trained_rows: int | None = None) -> None:
+        """Set ``mask_embedding`` from the embedding table:
+
+        - ``table``: a copy of the table's mask row (what a lookup of the mask id gave before the
+          row was split off: the random row, or a checkpoint's never-trained padding row);
+        - ``mean``: the mean of rows ``[0, trained_rows)`` other than the mask row, i.e. of the
+          ids the tokenizer produces. An untrained row is what LLaDA 2.0 blames for gradient
+          explosions at high mask ratios; the mean is a point inside the trained rows' cloud.
+
+        Works on sharded (DTensor) tables without gathering them: collective under FSDP."""
+        cfg, table = self.config, self.embed_tokens.weight
+        coeffs = torch.zeros(cfg.vocab_size, dtype=torch.float32)
+        if how == "table":
+            coeffs[cfg.mask_token_id] = 1.0
+        elif how == "mean":
+            if trained_rows is None or not 0 < trained_rows <= cfg.vocab_size:
+                raise ValueError(f"init_mask_embedding('mean'): trained_rows={trained_rows} must be in "
+                                 f"[1, vocab_size={cfg.vocab_size}]")
+            coeffs[:trained_rows] = 1.0
+            if cfg.mask_token_id < trained_rows:
+                coeffs[cfg.mask_token_id] = 0.0
+            n = int(coeffs.sum().item())
+            if n == 0:
+                raise ValueError(f"init_mask_embedding('mean'): no trained row below {trained_rows} besides "
+                                 f"the mask id {cfg.mask_token_id}")
+            coeffs /= n
+        else:
+            raise ValueError(f"init_mask_embedding: {how!r} unknown; expected 'table' or 'mean'")
+        _copy_full(self.mask_embedding, _combine_rows(table, coeffs))
 
     # ----------------------------------------------------------------- accounting
     def num_params(self) -> dict[str, int]:
@@ -214,6 +262,29 @@ def _normal_(p: torch.Tensor, std: float, gen: torch.Generator | None) -> None:
     if isinstance(p, DTensor):
         vals = distribute_tensor(vals.to(p.device), p.device_mesh, p.placements)
     p.copy_(vals.to(p.dtype))
+
+
+def _combine_rows(table: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
+    """``coeffs @ table`` in fp32 as a full [H] CPU tensor. A DTensor table (FSDP shards its rows)
+    is contracted against ``coeffs`` sharded the same way: each rank sums its own rows and DTensor
+    all-reduces H numbers, instead of every rank gathering the whole vocabulary."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(table, DTensor):
+        c = distribute_tensor(coeffs.to(table.device), table.device_mesh, table.placements, src_data_rank=None)
+        return (c.unsqueeze(0) @ table.float()).full_tensor()[0].cpu()
+    return (coeffs.to(table.device) @ table.float()).cpu()
+
+
+def _copy_full(p: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy a full tensor into ``p``; a DTensor keeps the slice its placements give this rank."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(p, DTensor):
+        full = distribute_tensor(full.to(p.device, p.dtype), p.device_mesh, p.placements, src_data_rank=None)
+        p.to_local().copy_(full.to_local())
+    else:
+        p.copy_(full.to(p.device, p.dtype))
 
 
 def build_model(cfg: ModelConfig, *, device: str | torch.device = "cpu", dtype=torch.float32,

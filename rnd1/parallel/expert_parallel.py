@@ -9,7 +9,9 @@ With EP degree ``ep`` and ``E`` experts, rank j of an EP group owns experts
    each peer for each of its experts (one host sync: the split sizes of step 3);
 3. ``all_to_all_single`` of the expert-sorted rows with those variable splits;
 4. regroup the received rows from (source rank, expert) order to (expert, source rank) order
-   and run the local grouped GEMMs;
+   and run the local grouped GEMMs (the regroup is ``index_select`` with the ``reference``
+   dispatch backend, ``kernels.token_dispatch``'s Triton gather with ``triton``, as is step 1's
+   sort inside the ``LocalDispatcher``);
 5. undo 4 and 3 (the reverse all-to-all), unsort, and combine with the routing weights.
 
 Every step is differentiable (the all-to-all's backward is the reverse all-to-all). The
@@ -27,6 +29,8 @@ import torch
 import torch.distributed._functional_collectives as funcol
 from torch.distributed.tensor import DTensor, Shard
 
+from kernels.backend import op_backend, resolve_backend
+from kernels.token_dispatch import gather_rows
 from rnd1.model.moe import GroupedExperts, LocalDispatcher, MoE
 
 
@@ -43,6 +47,8 @@ class _EPCtx:
     send_splits: list[int]  # rows sent to each EP rank
     recv_splits: list[int]  # rows received from each EP rank
     regroup: torch.Tensor  # received-row index of each row in (expert, source) order
+    backend: str = "reference"  # kernels' dispatch backend, resolved once in dispatch
+    inverse: torch.Tensor | None = None  # triton: (expert, source) row of each received row
 
 
 class AllToAllDispatcher:
@@ -75,10 +81,21 @@ class AllToAllDispatcher:
         lens = recv_by_src.t().flatten()
         regroup = _segment_indices(starts, lens, total=sum(recv_splits))
         local_offs = torch.cumsum(recv_by_src.sum(0), 0).to(torch.int32)
-        return received.index_select(0, regroup), local_offs, _EPCtx(local_ctx, send_splits, recv_splits, regroup)
+        backend = resolve_backend(op_backend("dispatch"), x.device)
+        ctx = _EPCtx(local_ctx, send_splits, recv_splits, regroup, backend)
+        if backend == "triton":
+            # the regroup is a permutation: gather with the Triton kernel, whose backward (and
+            # combine's inverse regroup) gathers through the inverse permutation
+            ctx.inverse = torch.empty_like(regroup).scatter_(
+                0, regroup, torch.arange(regroup.numel(), device=regroup.device))
+            return gather_rows(received, regroup, ctx.inverse.unsqueeze(1), "triton"), local_offs, ctx
+        return received.index_select(0, regroup), local_offs, ctx
 
     def combine(self, y, ctx: _EPCtx):
-        back = torch.empty_like(y).index_copy_(0, ctx.regroup, y)
+        if ctx.backend == "triton":
+            back = gather_rows(y, ctx.inverse, ctx.regroup.unsqueeze(1), "triton")
+        else:
+            back = torch.empty_like(y).index_copy_(0, ctx.regroup, y)
         returned = all_to_all(back, ctx.send_splits, ctx.recv_splits, self.group)
         return self._local.combine(returned, ctx.local_ctx)
 

@@ -44,7 +44,9 @@ def make_branches(*, checkpoint: str, batch_tokens: list[int], token_budget: int
         name = f"bs{B}"
         ov = [f"--training.global_batch_tokens={B}", f"--training.steps={steps}", "--training.total_tokens=0",
               f"--optimizer.lr_attention={la}", f"--optimizer.lr_non_attention={ln}",
-              f"--lr_schedule.warmup_tokens={max(warmup_tokens, 0)}", "--lr_schedule.scale_with_batch=false",
+              # warmup in tokens, the same for every branch; the config's warmup_fraction never applies
+              f"--lr_schedule.warmup_tokens={max(warmup_tokens, 0)}", "--lr_schedule.warmup_fraction=0",
+              "--lr_schedule.scale_with_batch=false",
               f"--eval.interval={eval_tokens // B}", f"--checkpoint.interval={steps}",
               f"--checkpoint.initial_load_path={checkpoint}", "--checkpoint.initial_load_format=dcp",
               "--model.init=pretrained", f"--job.dump_folder={out_dir}/{name}"]

@@ -132,6 +132,14 @@ def batch_plan(cfg, dims: ParallelDims) -> BatchPlan:
     return BatchPlan(t.local_batch_size, t.seq_len, gbt // per_micro, gbt, steps, steps * gbt)
 
 
+def build_objective(cfg):
+    """The run's ``Objective`` (rnd1/diffusion/objective.py): everything objective-specific."""
+    from rnd1.diffusion.objective import get_objective
+
+    o = cfg.objective
+    return get_objective(o.name, eps=o.eps, low_discrepancy=o.low_discrepancy, normaliser=o.loss_normaliser)
+
+
 def aux_loss_coef(cfg, mcfg: ModelConfig) -> float:
     if not mcfg.is_moe:
         return 0.0
@@ -150,20 +158,24 @@ def attention_mode_for(obj, tokens_seen: int) -> str:
 
 
 def set_kernel_backends(cfg) -> None:
-    from kernels.backend import BACKENDS
-    from rnd1.model.grouped_mm import set_grouped_mm_backend
+    """``[kernels]`` -> kernels.backend's per-op settings, read by the model's expert matmul and
+    token dispatcher (the loss also gets ``cross_entropy`` passed explicitly). Bad values fail
+    here with one line (config loading already rejects them; this covers configs built in code)."""
+    from kernels.backend import set_op_backend
 
-    try:
-        set_grouped_mm_backend(cfg.kernels.grouped_mm)
-    except ValueError as e:
-        raise StartupError(f"kernels.grouped_mm: {e}") from e
-    if cfg.kernels.cross_entropy not in BACKENDS:
-        raise StartupError(f"kernels.cross_entropy={cfg.kernels.cross_entropy!r}: expected one of {BACKENDS}")
+    k = cfg.kernels
+    for op, name in (("grouped_mm", k.grouped_mm), ("dispatch", k.dispatch), ("cross_entropy", k.cross_entropy)):
+        try:
+            set_op_backend(op, name)
+        except ValueError as e:
+            raise StartupError(f"kernels.{op}: {e}") from e
 
 
 # --------------------------------------------------------------------------- model
-def build_and_load_model(cfg, mcfg: ModelConfig, dims: ParallelDims, env: DistEnv) -> torch.nn.Module:
-    """Meta-device build -> parallelise -> materialise -> random init or load weights."""
+def build_and_load_model(cfg, mcfg: ModelConfig, dims: ParallelDims, env: DistEnv, tokenizer=None) -> torch.nn.Module:
+    """Meta-device build -> parallelise -> materialise -> random init or load weights -> the
+    [MASK] embedding's init (``model.mask_embedding_init``; ``mean`` averages the rows of the ids
+    ``tokenizer`` produces, built from the config when not given)."""
     from rnd1.parallel import parallelize_model
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.model.dtype]
@@ -189,6 +201,14 @@ def build_and_load_model(cfg, mcfg: ModelConfig, dims: ParallelDims, env: DistEn
             raise StartupError("model.init='pretrained' needs checkpoint.initial_load_path (a Hugging Face "
                                "directory or a DCP checkpoint)")
         load_initial_weights(model, src, cfg.checkpoint.initial_load_format)
+    if cfg.model.mask_embedding_init == "mean":
+        rows = (tokenizer or build_tokenizer(cfg)).vocab_size
+        try:
+            model.init_mask_embedding("mean", trained_rows=rows)
+        except ValueError as e:
+            raise StartupError(f"model.mask_embedding_init='mean': {e}") from e
+    elif cfg.model.mask_embedding_init != "keep":
+        raise StartupError(f"model.mask_embedding_init={cfg.model.mask_embedding_init!r}: expected 'keep' or 'mean'")
     return model
 
 
@@ -222,16 +242,21 @@ def build_optimizer_and_schedule(cfg, model, batch: BatchPlan):
     from rnd1.optim import GroupSpec, TokenSchedule, build_optimizer, scale_lr
 
     o, s = cfg.optimizer, cfg.lr_schedule
-    lr_attn, lr_rest = o.lr_attention, o.lr_non_attention
+    lr_attn, lr_rest, lr_mask = o.lr_attention, o.lr_non_attention, o.lr_mask_embedding
+    if lr_mask < 0 and lr_mask != -1:
+        raise StartupError(f"optimizer.lr_mask_embedding={lr_mask}: must be >= 0, or -1 to use the non-attention group")
     if s.scale_with_batch:
         if s.base_batch_tokens <= 0:
             raise StartupError("lr_schedule.scale_with_batch needs lr_schedule.base_batch_tokens > 0")
         lr_attn = scale_lr(lr_attn, batch.global_batch_tokens, s.base_batch_tokens)
         lr_rest = scale_lr(lr_rest, batch.global_batch_tokens, s.base_batch_tokens)
+        if lr_mask > 0:
+            lr_mask = scale_lr(lr_mask, batch.global_batch_tokens, s.base_batch_tokens)
     optimizer = build_optimizer(
         model,
         attention=GroupSpec(lr=lr_attn, weight_decay=o.weight_decay_attention),
         non_attention=GroupSpec(lr=lr_rest, weight_decay=o.weight_decay_non_attention),
+        mask_embedding=GroupSpec(lr=lr_mask, weight_decay=o.weight_decay_mask_embedding) if lr_mask >= 0 else None,
         betas=(o.beta1, o.beta2), eps=o.eps, implementation=o.implementation,
     )
     warmup = s.warmup_tokens if s.warmup_tokens > 0 else int(s.warmup_fraction * batch.total_tokens)
@@ -248,7 +273,7 @@ def export_config(cfg, mcfg: ModelConfig, tokenizer):
     from rnd1.checkpoint.hf import HFCheckpointError, plan_export
 
     fmt = cfg.checkpoint.export_hf_format
-    attention = "bidirectional" if cfg.objective.name != "ar" else "causal"
+    attention = build_objective(cfg).attention
     try:
         return plan_export(mcfg, fmt, tokenizer, cfg.model.tokenizer_path, attention=attention,
                            objective=cfg.objective.name)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from rnd1.generate import ar_generate, diffusion_generate
+from rnd1.generate import ar_generate, diffusion_generate, rnd1_keep_masked
 from rnd1.model.config import get_preset
 from rnd1.model.qwen3 import build_model
 
@@ -128,3 +128,132 @@ def test_never_samples_the_mask_or_ids_past_the_vocabulary():
     out = diffusion_generate(Scripted(targets, strengths), [[1]], gen_length=2, steps=2, mask_id=MASK,
                              vocab_limit=29)
     assert all(t != MASK and t < 29 for t in out.tokens[0])
+
+
+class NeverSure(nn.Module):
+    """Near-uniform logits everywhere (tiny fixed perturbations, so argmax and ranking are still
+    deterministic): no prediction's probability comes anywhere near a 0.9 threshold."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(1))
+        self.calls = 0
+
+    def forward(self, x, doc_ids=None, positions=None):
+        self.calls += 1
+        B, L = x.shape
+        i = torch.arange(L, dtype=torch.float32)[:, None]
+        v = torch.arange(V, dtype=torch.float32)[None, :]
+        return (1e-3 * torch.sin(7.0 * i + 3.0 * v + 0.5 * i * v)).expand(B, L, V).clone()
+
+
+@pytest.mark.parametrize("gen_length,block_length,steps", [(8, None, 2), (8, 4, 4), (10, 3, 5), (8, None, 1)])
+def test_threshold_commits_the_rest_on_each_blocks_last_step(gen_length, block_length, steps):
+    """Issue 14: with no confident prediction, threshold decoding commits one position per step;
+    without the last-step rule 6 of 8 outputs (8 tokens, 2 steps) stayed the mask id."""
+    model = NeverSure()
+    out = diffusion_generate(model, [[1, 2]], gen_length=gen_length, steps=steps, block_length=block_length,
+                             threshold=0.9, mask_id=MASK)
+    assert len(out.tokens[0]) == gen_length and MASK not in out.tokens[0]
+    assert MASK not in out.sequences[0].tolist()
+    assert sorted(out.commit_order[0]) == list(range(gen_length))
+    bl = block_length or gen_length
+    n_blocks, expected_nfe, left = -(-gen_length // bl), 0, steps
+    for b in range(n_blocks):  # one commit per step until the block's last step takes the rest
+        blk_steps = left // (n_blocks - b)
+        left -= blk_steps
+        expected_nfe += min(blk_steps, min(bl, gen_length - b * bl))
+    assert out.nfe == model.calls == expected_nfe
+    blocks = [j // bl for j in out.commit_order[0]]
+    assert blocks == sorted(blocks)  # block by block
+
+
+def _rnd1_reference(n, N):
+    """RND1's released loop (rnd/sampling.py), re-derived here with torch's own arithmetic: one
+    forward, then for step = N-1..1 keep ``(int64 tensor n * (step / N)).long()`` masked and
+    forward again while anything is masked; the rest is committed after the loop. Returns the
+    keep count after each commit (last: 0) and the masked counts each forward pass sees."""
+    total = torch.tensor([[n]], dtype=torch.long)
+    keeps, seen, masked = [], [n], n
+    for step in range(N - 1, 0, -1):
+        masked = min(masked, int((total * (step / N)).long().clamp(min=0)))
+        keeps.append(masked)
+        if masked:
+            seen.append(masked)
+    return keeps + [0], seen
+
+
+def test_rnd1_keep_rule_equals_rnd1s_float32_expression_for_all_small_sizes():
+    """All (n, N) with n, N <= 64: the pure-Python rule equals torch's float32 evaluation of
+    RND1's expression, and really differs from exact integer arithmetic where the docstring says."""
+    differs, early = 0, []
+    for N in range(1, 65):
+        for n in range(1, 65):
+            keeps, _ = _rnd1_reference(n, N)
+            ours = [rnd1_keep_masked(n, N, k) for k in range(1, N + 1)]
+            assert ours == keeps, (n, N)
+            differs += sum(ours[k - 1] != n * (N - k) // N for k in range(1, N))
+            if n == N and N > 1 and ours[N - 2] == 0:
+                early.append(N)
+    assert differs == 57 and early == [41, 47, 55, 61]
+    assert [rnd1_keep_masked(5, 5, k) for k in range(1, 6)] == [4, 3, 2, 1, 0]  # the issue's example
+    assert rnd1_keep_masked(22, 22, 22 - 13) == 12  # exact arithmetic would keep 13
+    with pytest.raises(ValueError):
+        rnd1_keep_masked(4, 4, 0)
+
+
+class CountsMasks(nn.Module):
+    """Records how many mask ids each forward pass sees per block of the generated region;
+    every output gets a distinct peak strength so the entropy ranking has no ties."""
+
+    def __init__(self, region_start, gen_length, block_length):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(1))
+        self.start, self.g, self.bl = region_start, gen_length, block_length
+        self.seen: list[list[int]] = []
+
+    def forward(self, x, doc_ids=None, positions=None):
+        B, L = x.shape
+        reg = x[0, self.start:self.start + self.g] == MASK
+        self.seen.append([int(reg[i:i + self.bl].sum()) for i in range(0, self.g, self.bl)])
+        logits = torch.zeros(B, L, V)
+        idx = torch.arange(L)
+        logits[:, idx, idx % 20 + 1] = 1.0 + 0.37 * ((idx * 13) % L).float()
+        return logits
+
+
+@pytest.mark.parametrize("n,N", [(5, 5), (10, 10), (22, 22), (41, 41), (64, 64), (1, 1), (1, 64), (3, 7),
+                                 (7, 3), (64, 5), (17, 40), (40, 17), (63, 64)])
+def test_rnd1_strategy_follows_rnd1s_keep_counts_and_forward_passes(n, N):
+    """The real sampler, one block: the masked counts its forward passes see, and how many there
+    are, equal RND1's loop (n = N = 5 keeps 4, 3, 2, 1; n = N = 10 takes 10 passes)."""
+    model = CountsMasks(1, n, n)
+    out = diffusion_generate(model, [[1]], gen_length=n, steps=N, strategy="rnd1", mask_id=MASK)
+    _, seen = _rnd1_reference(n, N)
+    assert [c[0] for c in model.seen] == seen and out.nfe == len(seen)
+    assert MASK not in out.tokens[0] and sorted(out.commit_order[0]) == list(range(n))
+    if n == N and n not in (41, 47, 55, 61):
+        assert out.nfe == N
+
+
+@pytest.mark.parametrize("gen_length,block_length,steps", [(10, 5, 10), (12, 4, 7), (9, 4, 8)])
+def test_rnd1_strategy_applies_the_rule_per_block(gen_length, block_length, steps):
+    """Steps split over blocks (earlier blocks get the floor); each block runs RND1's rule with
+    n = its size and N = its steps, and the later blocks stay fully masked meanwhile."""
+    model = CountsMasks(1, gen_length, block_length)
+    out = diffusion_generate(model, [[1]], gen_length=gen_length, steps=steps, block_length=block_length,
+                             strategy="rnd1", mask_id=MASK)
+    n_blocks = -(-gen_length // block_length)
+    expected, left = [], steps
+    for b in range(n_blocks):
+        blk_steps = left // (n_blocks - b)
+        left -= blk_steps
+        size = min(block_length, gen_length - b * block_length)
+        _, seen = _rnd1_reference(size, blk_steps)
+        sizes = [min(block_length, gen_length - c * block_length) for c in range(n_blocks)]
+        for m in seen:
+            expected.append([0] * b + [m] + sizes[b + 1:])
+    assert model.seen == expected and out.nfe == len(expected)
+    assert MASK not in out.tokens[0]
+    if (gen_length, block_length, steps) == (10, 5, 10):
+        assert [c[0] for c in model.seen[:5]] == [5, 4, 3, 2, 1] and out.nfe == 10

@@ -77,3 +77,29 @@ def test_vocab_chunked_low_memory_path_matches_float64(select_kind, monkeypatch)
     hr, Wr = hb.detach().double().requires_grad_(), Wb.detach().double().requires_grad_()  # same rounded inputs
     ref = torch.autograd.grad(masked_cross_entropy_reference_full(hr, Wr, t, w, sel), Wr)[0]
     assert (gw.double() - ref).abs().max() <= 2e-2 * ref.abs().max()  # bf16 rounding of the gradient block
+
+
+@pytest.mark.parametrize("chunk", [7, 0])
+def test_no_grad_asks_for_no_gradients(chunk, monkeypatch):
+    """Under no_grad (validation) the op is asked for the loss only: no dW buffer, no gradient
+    matmuls, whatever requires_grad says (ctx.needs_input_grad ignores grad mode)."""
+    import kernels.masked_cross_entropy as mce
+
+    calls = []
+    real = mce._fused_op
+
+    def spy(*args):
+        calls.append(args[-1])
+        return real(*args)
+
+    monkeypatch.setattr(mce, "_fused_op", spy)
+    torch.manual_seed(2)
+    h = torch.randn(11, 8, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(19, 8, dtype=torch.float64, requires_grad=True)
+    t, w = torch.randint(0, 19, (11,)), torch.rand(11, dtype=torch.float64)
+    with torch.no_grad():
+        a = masked_cross_entropy(h, W, t, w, chunk_tokens=chunk)
+    assert calls == [False] and not a.requires_grad
+    b = masked_cross_entropy(h, W, t, w, chunk_tokens=chunk)
+    assert calls == [False, True] and b.requires_grad
+    torch.testing.assert_close(a, b.detach(), rtol=0, atol=0)

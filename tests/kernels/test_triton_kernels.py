@@ -64,6 +64,74 @@ def test_grouped_mm_reference_vs_float64_and_torch_grouped_mm():
                                rtol=1e-5, atol=1e-5)
 
 
+def _grouped_float64(x, w, offs):
+    y = torch.zeros(x.shape[0], w.shape[-1], dtype=torch.float64)
+    start = 0
+    for g, end in enumerate(offs.tolist()):
+        y[start:end] = x[start:end].double() @ w[g].double()
+        start = end
+    return y
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("sizes,K,M,tail", [([3, 0, 17, 1, 12], 24, 20, 5), ([0, 0, 0], 16, 16, 0),
+                                            ([0, 0, 0], 16, 16, 7), ([1], 8, 33, 40), ([0, 35], 40, 7, 0)])
+def test_grouped_mm_kernel_writes_every_row_of_an_uninitialised_output(dtype, sizes, K, M, tail):
+    """y is allocated empty: the kernel must write every group row and zero the tail rows past
+    offs[-1] itself (on CUDA nothing else does). Poison y with NaN and launch the kernel directly;
+    N = 0 (no rows at all) included."""
+    from kernels.grouped_gemm import INTERPRET_CONFIG, _grouped_mm_kernel
+
+    torch.manual_seed(0)
+    offs, N = _offs(sizes, tail=tail)
+    x = torch.randn(N, K).to(dtype)
+    w = torch.randn(len(sizes), M, K).to(dtype).transpose(-2, -1)
+    y = torch.full((N, M), float("nan"), dtype=dtype)
+    _grouped_mm_kernel[(3,)](x, w, y, offs, len(sizes), N, M, K, x.stride(0), x.stride(1), w.stride(0), w.stride(1),
+                             w.stride(2), y.stride(0), y.stride(1), NUM_PROGRAMS=3, **INTERPRET_CONFIG)
+    assert not torch.isnan(y).any()
+    assert torch.all(y[int(offs[-1]):] == 0)
+    torch.testing.assert_close(y.double(), _grouped_float64(x, w, offs), **TOL[dtype])
+
+
+@pytest.mark.parametrize("N", [0, 9])
+def test_grouped_mm_triton_zero_weights_and_no_rows(N):
+    """All-zero weights give exactly zero outputs and input gradients; N = 0 runs forward and
+    backward and gives zero weight gradients."""
+    x = torch.randn(N, 24, requires_grad=True)
+    W = torch.zeros(3, 20, 24, requires_grad=True)
+    offs = torch.tensor([min(N, 4), min(N, 4), N], dtype=torch.int32)
+    y = grouped_mm(x, W.transpose(-2, -1), offs, backend="triton")
+    assert y.shape == (N, 20) and torch.all(y == 0)
+    g = torch.randn_like(y)
+    gx, gw = torch.autograd.grad(y, (x, W), g)
+    assert torch.all(gx == 0)
+    ref = torch.zeros(3, 20, 24, dtype=torch.float64)
+    ref[0] = g[:min(N, 4)].double().t() @ x[:min(N, 4)].double()
+    ref[2] = g[min(N, 4):].double().t() @ x[min(N, 4):].double()
+    torch.testing.assert_close(gw.double(), ref, rtol=1e-4, atol=1e-4)
+    assert torch.all(gw[1] == 0)
+
+
+@pytest.mark.parametrize("kind,configs", [("fwd", "GPU_CONFIGS"), ("dw", "DW_GPU_CONFIGS")])
+def test_grouped_mm_config_choice_is_keyed_by_shape(kind, configs):
+    """The deterministic GPU choice: tall row tiles for many rows per group, short ones for few,
+    and a tile no wider than M / K when one fits; the same bucket gives the same config."""
+    from kernels import grouped_gemm as gg
+
+    cands = getattr(gg, configs)
+    big = gg._pick_config(gg.shape_key(32768, 16, 2048, 768), cands)
+    small = gg._pick_config(gg.shape_key(200, 16, 2048, 768), cands)
+    assert big["BLOCK_N"] > small["BLOCK_N"]
+    assert small["BLOCK_N"] == min(c["BLOCK_N"] for c in cands)
+    assert gg._pick_config(gg.shape_key(32000, 16, 2048, 768), cands) is big  # same bucket
+    narrow = gg._pick_config(gg.shape_key(32768, 16, 2048, 64), cands)
+    if any(c["BLOCK_M"] <= 64 for c in cands):
+        assert narrow["BLOCK_M"] <= 64
+    else:
+        assert narrow is big
+
+
 @pytest.mark.parametrize("stored", ["out_in", "in_out"])
 def test_grouped_mm_weight_grad_comes_back_in_the_parameters_layout(stored):
     """The fp32 reference (torch.grouped_mm) path writes dW in w's own layout, so a parameter
@@ -121,7 +189,9 @@ def test_dispatch_semantics_vs_float64():
     # identity experts: combine(dispatch(x)) = sum_j w_j * x
     torch.testing.assert_close(combine(xs, info, w, backend="reference"), x * w.sum(1, keepdim=True))
     info4 = build_order(ids, E, align=4)
-    assert info4.offs.tolist() == [4, 12, 16, 20] and (info4.src_token == -1).sum().item() == 20 - T * k
+    assert info4.offs.tolist() == [4, 12, 16, 20] and (info4.src_token[:20] == -1).sum().item() == 20 - T * k
+    # statically sized (no host sync): T*k + E*(align-1) rows, all past offs[-1] padding
+    assert info4.num_rows == T * k + E * 3 and (info4.src_token[20:] == -1).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -162,3 +232,115 @@ def test_custom_ops_compile_fullgraph():
     eager = m(x, offs, t, wt)
     compiled = torch.compile(m, fullgraph=True)(x, offs, t, wt)
     torch.testing.assert_close(compiled, eager)
+
+
+CE_EDGE_CASES = [
+    # (N, H, V, weights): no rows, one row, sizes off the 16-tile, V off the tile, all weights zero
+    (0, 16, 40, "rand"),
+    (1, 24, 37, "rand"),
+    (33, 40, 75, "rand"),
+    (17, 16, 130, "rand"),
+    (20, 24, 50, "zero"),
+]
+
+
+def _ce_inputs(N, H, V, wkind, dtype, seed=6):
+    torch.manual_seed(seed)
+    h = (torch.randn(N, H) * 2).to(dtype).requires_grad_()
+    W = torch.randn(V, H).to(dtype).requires_grad_()
+    t = torch.randint(0, V, (N,))
+    w = torch.rand(N) * 3 if wkind == "rand" else torch.zeros(N)
+    return h, W, t, w
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("N,H,V,wkind", CE_EDGE_CASES)
+def test_masked_ce_triton_backward_edge_shapes_vs_float64(dtype, N, H, V, wkind, monkeypatch):
+    """Several row chunks (d hidden pass) and vocabulary chunks (d weight pass), each off the tile."""
+    import kernels.masked_cross_entropy_triton as mct
+
+    monkeypatch.setattr(mct, "GRAD_BLOCK_ELEMS", 24 * 48)
+    h, W, t, w = _ce_inputs(N, H, V, wkind, dtype)
+    a = masked_cross_entropy(h, W, t, w, backend="triton")
+    gh, gW = torch.autograd.grad(a, (h, W))
+    assert gh.dtype == dtype and gW.dtype == dtype and gh.shape == h.shape and gW.shape == W.shape
+    hd, Wd = h.detach().double().requires_grad_(), W.detach().double().requires_grad_()
+    b = masked_cross_entropy_reference_full(hd, Wd, t, w.double())
+    rh, rW = torch.autograd.grad(b, (hd, Wd)) if b.requires_grad else (torch.zeros_like(hd), torch.zeros_like(Wd))
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(a.double(), b, **tol)
+    torch.testing.assert_close(gh.double(), rh, **tol)
+    torch.testing.assert_close(gW.double(), rW, **tol)
+    if wkind == "zero" or N == 0:
+        assert torch.all(gh == 0) and torch.all(gW == 0)
+
+
+def test_masked_ce_triton_grad_block_covers_every_element_once():
+    """The gradient block kernel on a block off both tiles: g = w (softmax - onehot) vs float64,
+    and nothing written outside the block (the buffer's tail keeps its sentinel)."""
+    import kernels.masked_cross_entropy_triton as mct
+
+    h, W, t, w = _ce_inputs(23, 24, 45, "rand", torch.float32)
+    h, W = h.detach(), W.detach()
+    lse = torch.logsumexp(h.double() @ W.double().t(), 1).float()
+    r0, nr, c0, nc = 5, 17, 7, 35
+    g = torch.full((nr * nc + 9,), 7.0)
+    cfg = mct.INTERPRET_CONFIG
+    mct._grad_block_kernel[(-(-nr // cfg["BLOCK_N"]), -(-nc // cfg["BLOCK_V"]))](
+        h, W, t, w, lse, g, r0, nr, c0, nc, 24, PRECISION="ieee", **cfg)
+    p = torch.softmax(h.double() @ W.double().t(), 1)
+    ref = (w.double()[:, None] * (p - torch.nn.functional.one_hot(t, 45).double()))[r0:r0 + nr, c0:c0 + nc]
+    torch.testing.assert_close(g[:nr * nc].view(nr, nc).double(), ref, rtol=1e-5, atol=1e-6)
+    assert torch.all(g[nr * nc:] == 7.0)
+
+
+def test_masked_ce_triton_backward_is_bit_reproducible(monkeypatch):
+    import kernels.masked_cross_entropy_triton as mct
+
+    monkeypatch.setattr(mct, "GRAD_BLOCK_ELEMS", 32 * 32)
+    h, W, t, w = _ce_inputs(37, 40, 75, "rand", torch.float32)
+    runs = [torch.autograd.grad(masked_cross_entropy(h, W, t, w, backend="triton"), (h, W)) for _ in range(2)]
+    for x, y in zip(*runs):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "frozen"])
+def test_masked_ce_triton_without_grad_runs_no_gradient_kernel(mode, monkeypatch):
+    import kernels.masked_cross_entropy_triton as mct
+
+    h, W, t, w = _ce_inputs(9, 16, 30, "rand", torch.float32)
+    expected = masked_cross_entropy(h, W, t, w, backend="triton").detach()
+
+    class Forbidden:
+        def __getitem__(self, grid):
+            raise AssertionError("gradient kernel launched without grad")
+
+    def no_grads(*a, **k):
+        raise AssertionError("gradient pass run without grad")
+
+    monkeypatch.setattr(mct, "_grad_block_kernel", Forbidden())
+    monkeypatch.setattr(mct, "grads_triton", no_grads)
+    if mode == "no_grad":
+        with torch.no_grad():
+            out = masked_cross_entropy(h, W, t, w, backend="triton")
+    elif mode == "inference_mode":
+        with torch.inference_mode():
+            out = masked_cross_entropy(h, W, t, w, backend="triton")
+    else:
+        out = masked_cross_entropy(h.detach(), W.detach(), t, w, backend="triton")
+    assert not out.requires_grad
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+def test_fp32_dot_precision_follows_torch_tf32_flag():
+    from kernels.backend import dot_precision
+
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert dot_precision(torch.float32) == "ieee"
+        torch.set_float32_matmul_precision("high")
+        assert dot_precision(torch.float32) == "tf32"
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert dot_precision(torch.float16) == "tf32" and dot_precision(torch.float64) == "ieee"

@@ -134,17 +134,18 @@ def test_flops_per_token_hand_computed():
     cfg = ModelConfig(vocab_size=10, hidden_size=4, num_hidden_layers=1, num_attention_heads=2,
                       num_key_value_heads=1, head_dim=2, intermediate_size=8, mask_token_id=9)
     # q 4x4 + k 4x2 + v 4x2 + o 4x4 = 48, q/k norms 2+2 = 4, two layer norms 2x4 = 8,
-    # MLP 3x4x8 = 96 -> layer 156; final norm 4; head 10x4 = 40; embedding 10x4 = 40.
-    assert cfg.param_counts()["total"] == 156 + 4 + 40 + 40
+    # MLP 3x4x8 = 96 -> layer 156; final norm 4; head 10x4 = 40; embedding 10x4 = 40 + the
+    # separate [MASK] row 4.
+    assert cfg.param_counts()["total"] == 156 + 4 + 40 + 40 + 4
     assert cfg.param_counts()["flop_params_per_token"] == 156 + 4 + 40
     # 6 N + 12 * layers * seq * heads * head_dim = 6*200 + 12*1*16*2*2
     assert cfg.flops_per_token(16) == 1200 + 768
-    assert sum(p.numel() for p in Qwen3(cfg).parameters()) == 240
+    assert sum(p.numel() for p in Qwen3(cfg).parameters()) == 244
 
     moe = cfg.replace(moe_intermediate_size=3, num_experts=4, num_experts_per_tok=2)
     # MoE layer: router 4x4 = 16, 2 active experts x 3x4x3 = 72 -> 52 + 8 + 16 + 72 = 148 active
     assert moe.param_counts()["flop_params_per_token"] == 148 + 4 + 40
-    assert moe.param_counts()["total"] == 52 + 8 + 16 + 4 * 36 + 4 + 40 + 40
+    assert moe.param_counts()["total"] == 52 + 8 + 16 + 4 * 36 + 4 + 40 + 40 + 4
 
 
 # --------------------------------------------------------------------------- MoE

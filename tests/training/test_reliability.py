@@ -63,18 +63,16 @@ def test_non_finite_weights_are_never_saved(tmp_path):
 
 
 def test_guard_skips_non_finite_steps_then_stops(tmp_path, byte_dataset, monkeypatch, capsys):
-    import rnd1.train as train_mod
+    import rnd1.training.step as step_mod
 
-    real = train_mod.objective_loss
+    real = step_mod.weighted_ce_sum
     bad_steps = {3, 5, 6}
 
     def flaky(*a, **k):
         out = real(*a, **k)
-        if trainer.step + 1 in bad_steps:
-            out.loss = out.loss * float("nan")
-        return out
+        return out * float("nan") if trainer.step + 1 in bad_steps else out
 
-    monkeypatch.setattr(train_mod, "objective_loss", flaky)
+    monkeypatch.setattr(step_mod, "weighted_ce_sum", flaky)
     cfg = load_config(CONFIG, _args(tmp_path / "run", byte_dataset, **{"training.max_nonfinite_skips": 2}))
     trainer = Trainer(cfg, _env())
     before = {}

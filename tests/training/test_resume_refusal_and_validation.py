@@ -75,7 +75,7 @@ def test_validation_passes_doc_ids_when_training_does(tmp_path, byte_dataset, do
         return forward(*args, doc_ids=doc_ids, **kw)
 
     trainer.model.forward = spy
-    loss = trainer.validate()
+    loss = trainer.validate()["val_loss"]
     assert torch.isfinite(torch.tensor(loss))
     loader = B.build_loader(cfg, trainer.datasets, "val", trainer.batch, trainer.parallel, seed=cfg.eval.val_seed)
     batches = [next(loader)["doc_ids"] for _ in range(2)]  # val_steps

@@ -1,0 +1,116 @@
+"""The project's main job in miniature, on CPU: turn an AR model into a diffusion LM.
+
+``python -m rnd1.demo`` (the README's first command) does what the paper does, at the size of
+the ``debug`` MoE (1.9M parameters) on byte-level tokens of the Python standard library:
+
+1. **AR base.** Without pretrained weights on a fresh machine, train one: ``debug_ar.toml``
+   (next-token prediction, causal attention). Cached: a later demo reuses the finished run.
+2. **SCP conversion.** ``debug_model.toml`` from the AR checkpoint: A2D, bidirectional attention
+   from step 0 (Simple Continual Pretraining).
+3. **The baseline.** The same config and budget from random weights (the paper's random-init
+   baseline), so the value of starting from an AR model is visible.
+4. **Samples** from the converted model (diffusion decoding), next to the AR base's greedy text.
+5. **The bound.** Held-out NELBO per token and exp(NELBO) >= perplexity of both conversions on
+   the same validation windows, grid and seeds (``rnd1.eval.perplexity``), beside the AR base's
+   exact NLL on the same positions.
+
+Each stage is an ordinary ``python -m rnd1.train`` run whose folder stays under ``--out`` for
+plots (``scripts/compare_runs.py``) and further training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "train_configs"
+PROMPTS = ("def __init__(self", "import os\nimport sys\n", "    for i in range(")
+
+
+def _finished(run: Path, steps: int) -> bool:
+    from rnd1.checkpoint.dcp import CheckpointManager
+
+    latest = CheckpointManager(run / "checkpoint", 0).latest()
+    return latest is not None and latest[0] >= steps
+
+
+def _train(config: str, run: Path, data: Path, steps: int, *extra: str) -> None:
+    cmd = [sys.executable, "-m", "rnd1.train", "--config", str(CONFIGS / config), f"--job.dump_folder={run}",
+           f"--data.datasets=[\"{data}\"]", f"--training.steps={steps}", f"--metrics.log_freq={max(steps // 4, 1)}",
+           "--eval.interval=0", f"--checkpoint.interval={steps}", "--job.print_config=false", *extra]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO)
+    if proc.returncode:
+        raise SystemExit(proc.returncode)
+    print(f"[demo] {run.name}: {steps} steps in {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="outputs", help="folder for the runs and the data (default: outputs)")
+    ap.add_argument("--ar-steps", type=int, default=400, help="AR pretraining steps (4,096 tokens each)")
+    ap.add_argument("--steps", type=int, default=300, help="conversion steps, SCP and random init alike")
+    ap.add_argument("--eval-sequences", type=int, default=64, help="validation windows of 256 tokens for the bound")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    data = out / "data" / "stdlib_byte"
+    ar, scp, rnd = out / "debug_ar", out / "demo_scp", out / "demo_random"
+    t0 = time.perf_counter()
+
+    print("[demo] 1/5 the AR base (debug MoE, next-token prediction)", flush=True)
+    if _finished(ar, args.ar_steps):
+        print(f"[demo] {ar} already holds a finished AR run: reused", flush=True)
+    else:
+        _train("debug_ar.toml", ar, data, args.ar_steps)
+    print("[demo] 2/5 SCP conversion: A2D, bidirectional attention from step 0, from the AR checkpoint", flush=True)
+    if not _finished(scp, args.steps):
+        _train("debug_model.toml", scp, data, args.steps, f"--checkpoint.initial_load_path={ar / 'checkpoint'}")
+    print("[demo] 3/5 the baseline: the same conversion from random weights", flush=True)
+    if not _finished(rnd, args.steps):
+        _train("debug_model.toml", rnd, data, args.steps)
+
+    import torch
+
+    from rnd1.checkpoint.load import load_for_inference
+    from rnd1.data.shards import TokenDataset
+    from rnd1.data.tokenizer import load_tokenizer
+    from rnd1.diffusion.objective import get_objective
+    from rnd1.eval.perplexity import heldout_nelbo
+    from rnd1.generate import ar_generate, diffusion_generate
+
+    tok = load_tokenizer("byte")
+    models = {"scp": load_for_inference(scp / "checkpoint", objective="a2d").eval(),
+              "random": load_for_inference(rnd / "checkpoint", objective="a2d").eval(),
+              "ar": load_for_inference(ar / "checkpoint", objective="ar").eval()}
+    print("[demo] 4/5 samples (64 tokens; diffusion: 32 steps in blocks of 16, confidence order, T = 0.7)",
+          flush=True)
+    prompts = [tok.encode(p) for p in PROMPTS]
+    diff = diffusion_generate(models["scp"], prompts, gen_length=64, steps=32, block_length=16, mask_id=tok.mask_id,
+                              objective="a2d", temperature=0.7, top_p=0.9, eos_id=tok.eos_id,
+                              generator=torch.Generator().manual_seed(0), vocab_limit=tok.vocab_size)
+    base = ar_generate(models["ar"], prompts, max_new_tokens=64, eos_id=tok.eos_id, vocab_limit=tok.vocab_size)
+    for p, d, a in zip(PROMPTS, diff.tokens, base.tokens):
+        print("-" * 72 + f"\n[A2D, converted]\n{p}{tok.decode(d)}\n[AR base, greedy]\n{p}{tok.decode(a)}")
+    print("-" * 72)
+
+    print(f"[demo] 5/5 held-out bound: {args.eval_sequences} validation windows of 256 tokens, t grid of 8 "
+          f"midpoints, seed 0", flush=True)
+    split = TokenDataset(data).split("val")
+    rows = [("A2D from the AR base (SCP)", "scp", "a2d"), ("A2D from random init", "random", "a2d"),
+            ("AR base (exact NLL)", "ar", "ar")]
+    print(f"{'model':<30} {'NELBO/token':>12} {'+- s.e.':>8} {'PPL (bound)':>12}")
+    for label, key, objective in rows:
+        r = heldout_nelbo(models[key], objective, split, mask_id=tok.mask_id, seq_len=256,
+                          num_sequences=args.eval_sequences, batch_size=8, seed=0)
+        bound = f"<= {r.ppl_bound:.2f}" if get_objective(objective).masks else f"{r.ppl_bound:.2f}"
+        print(f"{label:<30} {r.nelbo:>12.4f} {r.stderr:>8.4f} {bound:>12}")
+    print(f"[demo] done in {time.perf_counter() - t0:.0f} s; runs in {out}/ (debug_ar, demo_scp, demo_random)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,32 @@
+"""AR: plain next-token prediction, the objective of the base model a conversion starts from.
+
+Output i predicts x0[i+1] for every i < L-1, weight 1, on the clean input with causal attention
+(bidirectional attention would let each output see its target). Its loss is the exact NLL per
+token over positions 1..L-1, the same positions A2D's bound covers, so the two read on one scale.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rnd1.diffusion.corruption import Corruption
+from rnd1.diffusion.objective import Objective
+
+
+class AR(Objective):
+    name = "ar"
+    masks = False
+    shift = 1
+    attention = "causal"
+
+    def corrupt(self, x0: torch.Tensor, mask_id: int, **_) -> Corruption:
+        """Nothing is masked; t = 1 (a weight of 1)."""
+        return Corruption(x0, torch.zeros_like(x0, dtype=torch.bool), torch.ones(x0.shape[0]))
+
+    def supervised_positions(self, x0: torch.Tensor, c: Corruption) -> torch.Tensor:
+        pos = torch.ones_like(x0, dtype=torch.bool)
+        pos[:, :self.shift] = False
+        return pos
+
+    def position_weights(self, c: Corruption) -> torch.Tensor:
+        return torch.ones_like(c.t, dtype=torch.float32)

@@ -1,0 +1,84 @@
+"""One step, as training, validation and the benchmark all run it.
+
+``run_step`` takes the micro-batches of one optimiser step (or of one validation pass) and does,
+for every one of them: corrupt (the objective, noise keyed by global sample index) -> supervised
+outputs, targets, weights -> forward -> weighted CE at the supervised outputs -> divide by the
+GLOBAL normaliser -> backward (training only). The normaliser (the objective's scored positions,
+or its supervised outputs) is summed over every micro-batch and every data-parallel rank
+*before* the first forward, so the parts add up to the full-batch loss and gradient however the
+batch is split.
+
+Training passes the step's micro-batches with noise drawn per sample. Validation passes every
+(validation batch, grid t) pair as a micro-batch with that fixed t, without backward: the sum of
+weighted CE over all of them divided once by the total normaliser is the fixed-quadrature
+per-token NELBO (every grid point weighted equally). ``scripts/bench_train_step.py`` times this
+same function.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from rnd1.diffusion.loss import weighted_ce_sum
+from rnd1.diffusion.objective import Objective
+
+
+@dataclass
+class MicroBatch:
+    x0: torch.Tensor  # [B, L] clean ids
+    sample_ids: torch.Tensor  # [B] global sample index of each row (keys the noise)
+    doc_ids: torch.Tensor | None = None  # [B, L] per-document attention, or None
+    seed: int = 0  # noise seed (training: training.seed; validation: one per grid point)
+    fixed_t: float | None = None  # validation: this noise level for every row
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor  # global weighted CE / global normaliser (the per-token NELBO by default)
+    weighted_ce: torch.Tensor  # global weighted CE sum
+    normaliser: torch.Tensor  # global normaliser count
+    supervised: torch.Tensor  # global number of supervised outputs
+    masked_frac: float  # this rank's fraction of masked tokens
+
+
+def run_step(model, objective: Objective, micro_batches: list[MicroBatch], *, mask_id: int,
+             samples_per_step: int, all_reduce=lambda t: t, backward: bool = True, aux_coef: float = 0.0,
+             aux_scale: float = 1.0, loss_scale: float = 1.0, autocast=nullcontext, ce_backend: str = "auto",
+             device: torch.device | str = "cpu") -> StepResult:
+    """Forward (and backward) over ``micro_batches``; returns global, detached totals.
+
+    ``all_reduce`` sums a tensor over data-parallel ranks (identity in one process);
+    ``aux_coef * aux_scale`` weighs each micro-batch's MoE load-balancing loss (training only;
+    the trainer sets ``aux_scale = 1 / (micro-batches x data-parallel ranks)``)."""
+    prepared = []
+    normaliser = torch.zeros((), dtype=torch.float64)
+    for mb in micro_batches:
+        c = objective.corrupt(mb.x0, mask_id, seed=mb.seed, sample_ids=mb.sample_ids,
+                              samples_per_step=samples_per_step, fixed_t=mb.fixed_t)
+        tg = objective.targets(mb.x0, c)
+        normaliser += objective.normaliser_count(mb.x0, tg).double()
+        prepared.append((mb, c, tg))
+    denom = all_reduce(normaliser.float().to(device)).clamp_min(1.0)
+    ce_total = torch.zeros((), device=device)
+    supervised = torch.zeros((), device=device)
+    masked = 0.0
+    for mb, c, tg in prepared:
+        doc_ids = mb.doc_ids.to(device) if mb.doc_ids is not None else None
+        tg = tg.to(device)
+        with autocast():
+            hidden = model(c.x_t.to(device), doc_ids=doc_ids, return_hidden=True)
+            ce = weighted_ce_sum(hidden, model.lm_head.weight, tg, ce_backend=ce_backend)
+            if backward:
+                loss = ce / denom * loss_scale
+                if aux_coef > 0:
+                    loss = loss + aux_coef * model.moe_aux_loss() * aux_scale
+        if backward:
+            loss.backward()
+        ce_total += ce.detach().float()
+        supervised += tg.num_targets.float()
+        masked += c.masked.float().mean().item() / len(prepared)
+    ce_global = all_reduce(ce_total)
+    return StepResult(ce_global / denom, ce_global, denom, all_reduce(supervised), masked)
