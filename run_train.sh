@@ -30,5 +30,7 @@ if [[ "$NPROC" -gt 1 ]]; then export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}; fi
 
 # rnd1.launch is torchrun (same options) whose exit code is the trainer's: 2 on bad input, after
 # the trainer's one-line message and nothing else.
+# exec: a signal to this script (SIGTERM, Ctrl-C) reaches the launcher itself; the workers save and
+# the exit code is 0 (see "What survives what" in README.md).
 exec python -m rnd1.launch "${LAUNCH[@]}" --nproc_per_node="$NPROC" \
   -m rnd1.train --config "$CONFIG_FILE" "$@"

@@ -211,9 +211,13 @@ _TUNED: dict[tuple, dict] = {}
 
 
 def _autotune_enabled() -> bool:
-    """Timing candidates on first sight of a shape bucket is opt-in (RND1_GROUPED_MM_AUTOTUNE=1):
-    it must not run inside a CUDA-graph capture, and it makes the first step slower."""
-    return os.environ.get("RND1_GROUPED_MM_AUTOTUNE", "0") == "1"
+    """On CUDA the candidates are timed on first sight of a shape bucket (a slower first step,
+    then the fastest tile for the rest of the run). Never inside a CUDA-graph capture, where
+    timing cannot run; ``RND1_GROUPED_MM_AUTOTUNE=0`` keeps the deterministic shape-keyed pick
+    (one tile per bucket on every rank and every run)."""
+    if os.environ.get("RND1_GROUPED_MM_AUTOTUNE", "1") != "1":
+        return False
+    return torch.cuda.is_available() and not torch.cuda.is_current_stream_capturing()
 
 
 def _choose(kind: str, key: tuple, configs, run) -> dict:

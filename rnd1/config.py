@@ -166,6 +166,9 @@ class Training:
     deterministic: bool = _f(False, "torch.use_deterministic_algorithms")
     max_nonfinite_skips: int = _f(10, "steps with non-finite loss/grad skipped before the run stops", _nonneg)
     device: Literal["auto", "cpu", "cuda"] = _f("auto", "auto: CUDA when available")
+    collective_timeout_s: float = _f(
+        300.0, "seconds a collective waits for the other ranks before the run fails with a line naming the "
+               "rank that stopped answering (gloo; on CUDA, NCCL's watchdog aborts after this long)", _pos)
     cpu_keep_freed_memory: bool = _f(
         True, "CPU runs: glibc malloc keeps freed memory instead of unmapping it (faster steps, RSS stays at "
               "the high-water mark; rnd1/training/cpu_malloc.py)")

@@ -6,6 +6,11 @@
 is the whole story. torchrun treats it as a crash: a 35-line ``ChildFailedError`` report and exit
 1. Here, when every worker that failed on its own exited 2 (the others being stopped by torchrun),
 the launcher exits 2 and adds nothing. Any other failure keeps torchrun's report, unchanged.
+
+A signal to the launcher (SIGTERM from a scheduler, SIGINT from Ctrl-C) is forwarded to the workers
+by torchrun, which then waits for them; the trainer finishes its step, saves and exits 0. torchrun
+itself would then exit 1 with a ``SignalException`` traceback; here, when every worker exited 0,
+the launcher prints one line and exits 0 too; otherwise one line and 128 + the signal number.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ import logging
 import signal
 import sys
 
+from torch.distributed.elastic.multiprocessing import SignalException
+from torch.distributed.elastic.multiprocessing import api as _mp_api
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
 from torch.distributed.run import parse_args, run
 
@@ -43,6 +50,31 @@ class _HoldBack(logging.Filter):
         return False
 
 
+# Exit codes of the workers torchrun stopped (local rank -> code), recorded when it closes them.
+_closed_exit_codes: dict[int, int | None] = {}
+_original_close = _mp_api.SubprocessContext._close
+
+
+def _close_and_record(self, *args, **kwargs):
+    try:
+        _original_close(self, *args, **kwargs)
+    finally:
+        _closed_exit_codes.update({rank: h.proc.poll() for rank, h in self.subprocess_handlers.items()})
+
+
+_mp_api.SubprocessContext._close = _close_and_record
+
+
+def _after_signal(sig: signal.Signals) -> int:
+    codes = dict(_closed_exit_codes)
+    if codes and all(code == 0 for code in codes.values()):
+        print(f"[rnd1] launcher: {sig.name}: every worker saved and exited 0", file=sys.stderr, flush=True)
+        return 0
+    print(f"[rnd1] launcher: {sig.name}: workers stopped (exit codes by local rank: {codes or 'unknown'})",
+          file=sys.stderr, flush=True)
+    return 128 + int(sig)
+
+
 @record
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
@@ -52,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     quiet = False
     try:
         run(args)
+    except SignalException as e:
+        quiet = True  # the signal and the workers' outcome are the story, in one line
+        return _after_signal(signal.Signals(e.sigval))
     except ChildFailedError as e:
         if not failed_on_bad_input(e):
             raise

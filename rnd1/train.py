@@ -19,16 +19,17 @@ from pathlib import Path
 
 import torch
 
-from rnd1.checkpoint.dcp import CheckpointManager, checkpoint_info
+from rnd1.checkpoint.dcp import CheckpointError, CheckpointManager, checkpoint_info
 from rnd1.config import ConfigError, JobConfig, parse_args, validate
 from rnd1.data.shards import DataError
 from rnd1.diffusion.objective import get_objective
 from rnd1.metrics import MetricsLogger, Throughput, measure_matmul_peak, peak_memory_bytes, router_balance
-from rnd1.parallel.env import DistEnv, barrier, destroy, init_distributed
+from rnd1.parallel.env import DistEnv, barrier, collective_timeout_message, destroy, init_distributed
 from rnd1.parallel.fsdp import reshard_all
 from rnd1.training import build as B
 from rnd1.training.guards import NonFiniteGuard
-from rnd1.training.preemption import PreemptionHandler
+from rnd1.training.preemption import PreemptionHandler, stop_with_parent
+from rnd1.training.run_lock import RunLock, RunLockError
 from rnd1.training.step import MicroBatch, run_step
 
 
@@ -90,7 +91,7 @@ class Trainer:
             return
         for stale in self.ckpt.incomplete_checkpoints():
             log0(self.env, f"ignoring incomplete checkpoint {stale} (interrupted save)")
-        latest = self.ckpt.latest()
+        latest = self.ckpt.latest_intact(log=lambda msg: log0(self.env, msg))
         if latest is None:
             return
         step, path = latest
@@ -144,9 +145,14 @@ class Trainer:
             "guard": self.guard.state_dict(),
             "rng_cpu": torch.get_rng_state(),
         }
-        path = self.ckpt.save(self.step, self.model, self.optimizer, extra,
-                              meta={"tokens_seen": self.tokens_seen, "model_config": self.model_cfg.to_hf_config(),
-                                    "objective": self.cfg.objective.name, "tokenizer": self.tokenizer.identity()})
+        try:
+            path = self.ckpt.save(self.step, self.model, self.optimizer, extra,
+                                  meta={"tokens_seen": self.tokens_seen, "model_config": self.model_cfg.to_hf_config(),
+                                        "objective": self.cfg.objective.name, "tokenizer": self.tokenizer.identity()})
+        except CheckpointError as e:
+            if str(e).startswith("no space left on device"):  # one line (exit 2), not a traceback
+                raise B.StartupError(str(e)) from e
+            raise
         log0(self.env, f"saved checkpoint {path}")
 
     # ----------------------------------------------------------------- recipe
@@ -240,7 +246,7 @@ class Trainer:
                   f"{self.batch.global_batch_tokens:,} tokens (micro-batch {cfg.training.local_batch_size} x "
                   f"{cfg.training.seq_len}, grad accum {self.batch.grad_accum}, dp {self.parallel.dp_size}); "
                   f"peak {self.peak_flops / 1e12:.2f} TFLOP/s per process")
-        preempt = PreemptionHandler()
+        preempt = PreemptionHandler(watch_parent=_under_torchrun())
         t_start = time.perf_counter()
         start_step = self.step
         try:
@@ -287,10 +293,16 @@ def _bad_input(message: str) -> int:
     return 2
 
 
+def _under_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ
+
+
 def main(argv: list[str] | None = None) -> int:
+    if _under_torchrun():
+        stop_with_parent()  # kill -9 on the launcher: SIGTERM here, a graceful save, not an orphan
     try:
         cfg = parse_args(sys.argv[1:] if argv is None else argv)
-        env = init_distributed(cfg.training.device)
+        env = init_distributed(cfg.training.device, timeout_s=cfg.training.collective_timeout_s)
         validate(cfg, env.world_size)
     except ConfigError as e:
         destroy()
@@ -300,12 +312,26 @@ def main(argv: list[str] | None = None) -> int:
 
         log0(env, "glibc malloc keeps freed memory (training.cpu_keep_freed_memory)" if keep_freed_memory()
              else "training.cpu_keep_freed_memory: glibc mallopt unavailable here; allocator left as is")
+    # One trainer per run folder: rank 0 takes the lock before anything is written (the other
+    # ranks of this job are covered by it); a live holder elsewhere is refused in one line.
+    lock = RunLock(Path(cfg.job.dump_folder)) if env.is_rank0 else None
     try:
+        if lock is not None:
+            lock.acquire()
         Trainer(cfg, env).train()
-    except B.StartupError as e:
+    except (B.StartupError, RunLockError) as e:
         # no barrier: a rank that did not fail may be waiting in a collective (torchrun stops it)
         destroy()
         return _bad_input(f"error: {e}")
+    except RuntimeError as e:  # after StartupError, which is a RuntimeError too
+        msg = collective_timeout_message(e)  # a peer stopped answering: name it in one line
+        if msg is None:
+            raise
+        print(f"error: {msg}", file=sys.stderr, flush=True)
+        return 3  # no destroy(): it can block after a timeout
+    finally:
+        if lock is not None:
+            lock.release()
     barrier()
     destroy()
     return 0

@@ -1,12 +1,24 @@
 #!/usr/bin/env python
-"""Fault drill: kill a training run with SIGKILL at random moments (some during checkpoint saves),
-resume it each time, and check that the final weights and the loss log equal an uninterrupted
-run's, bit for bit.
+"""Fault drill: kill a training run with SIGKILL at random moments and in every phase of a
+checkpoint save, resume it each time, and check that the final weights and the loss log equal an
+uninterrupted run's, bit for bit.
 
     python scripts/fault_drill.py --kills 5 --steps 60          # about a minute on 2 CPU cores
 
-Prints the number of kills survived, how many landed while a checkpoint was being written, and
-any difference; exits 1 if anything differs."""
+After the kills come two cluster faults: a scheduler preemption (SIGTERM to every process of the
+job, launcher included: one save at the step reached, exit 0) and silent corruption of the newest
+checkpoint (the resume must detect it, set it aside and fall back to an intact one).
+
+A save has three phases a kill can interrupt (``SAVE_PHASES``): ``writing`` (the ``.step-*.tmp``
+folder holds DCP's shards, not yet this rank's extra state, manifest or COMPLETE marker),
+``sealing`` (COMPLETE written, the folder not yet renamed) and ``publishing`` (renamed, ``latest``
+not yet updated). The trainer runs under a hook (``HOOK``) that, in the phase the drill asks for,
+writes a marker file and stops itself (SIGSTOP); the drill then SIGKILLs it — so a kill counted
+"during a save" provably landed inside that phase of this process's save (a stale temp folder
+from an earlier kill counts for nothing). The first kills go one to each phase; the rest are
+random: a phase, or a kill once the loss log reaches a random step.
+
+Prints the kills survived, per save phase, and any difference; exits 1 if anything differs."""
 
 from __future__ import annotations
 
@@ -24,10 +36,47 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+SAVE_PHASES = ("writing", "sealing", "publishing")
+
+# Run rnd1.train with a stop in one phase of a checkpoint save: RND1_DRILL_PHASE names the phase,
+# RND1_DRILL_SKIP how many saves to let through first, RND1_DRILL_MARK the file written (with the
+# phase) just before the process stops itself for the drill's SIGKILL.
+HOOK = r"""
+import os, re, signal, runpy, torch
+phase, mark = os.environ.get("RND1_DRILL_PHASE", ""), os.environ.get("RND1_DRILL_MARK", "")
+left = [int(os.environ.get("RND1_DRILL_SKIP", "0"))]
+TMP = re.compile(r"^\.step-\d+\.tmp$")
+
+def _hit(name):
+    if phase != name:
+        return
+    if left[0] > 0:
+        left[0] -= 1
+        return
+    with open(mark + ".w", "w") as f:
+        f.write(name)
+    _replace(mark + ".w", mark)  # the marker appears whole
+    os.kill(os.getpid(), signal.SIGSTOP)
+
+_save, _replace = torch.save, os.replace
+def save(obj, f, *a, **k):
+    if isinstance(f, (str, os.PathLike)) and TMP.match(os.path.basename(os.path.dirname(os.fspath(f)))):
+        _hit("writing")
+    return _save(obj, f, *a, **k)
+def replace(src, dst, *a, **k):
+    if TMP.match(os.path.basename(os.fspath(src))):
+        _hit("sealing")
+    elif os.path.basename(os.fspath(dst)) == "latest":
+        _hit("publishing")
+    return _replace(src, dst, *a, **k)
+torch.save, os.replace = save, replace
+runpy.run_module("rnd1.train", run_name="__main__", alter_sys=True)
+"""
 
 
-def train_cmd(run_dir: Path, data: Path, steps: int, interval: int) -> list[str]:
-    return [sys.executable, "-m", "rnd1.train", "--config", str(REPO / "train_configs" / "debug_model.toml"),
+def train_cmd(run_dir: Path, data: Path, steps: int, interval: int, hooked: bool = False) -> list[str]:
+    head = [sys.executable, "-c", HOOK] if hooked else [sys.executable, "-m", "rnd1.train"]
+    return head + ["--config", str(REPO / "train_configs" / "debug_model.toml"),
             f"--job.dump_folder={run_dir}", f"--data.datasets={data}", "--data.prepare=", f"--training.steps={steps}",
             "--training.local_batch_size=4", "--training.seq_len=64", "--metrics.log_freq=1",
             "--job.print_config=false", f"--checkpoint.interval={interval}", "--checkpoint.keep_latest_k=2",
@@ -66,6 +115,62 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
+def launcher_cmd(run_dir: Path, data: Path, steps: int, interval: int) -> list[str]:
+    """The trainer under rnd1.launch (torchrun), as run_train.sh starts it."""
+    cmd = train_cmd(run_dir, data, steps, interval)
+    return [sys.executable, "-m", "rnd1.launch", "--standalone", "--nnodes=1", "--nproc_per_node=1"] + cmd[1:]
+
+
+def scheduler_signal(run_dir: Path, data: Path, steps: int, interval: int, rng: random.Random, env: dict,
+                     log=print) -> dict | None:
+    """A scheduler preemption: SIGTERM to every process of the job (launcher and worker, as
+    Slurm and Kubernetes send it) once the run is past a random step. Expected: one graceful
+    save at the step reached, exit 0."""
+    done = max(losses(run_dir), default=0) if (run_dir / "metrics.jsonl").exists() else 0
+    if done >= steps - 2:
+        log("scheduler signal: skipped (the run is nearly finished)")
+        return None
+    target = rng.randint(done + 1, steps - 2)
+    proc = subprocess.Popen(launcher_cmd(run_dir, data, steps, interval), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    while proc.poll() is None and not ((run_dir / "metrics.jsonl").exists()
+                                       and max(_safe_losses(run_dir), default=0) >= target):
+        time.sleep(0.005)
+    if proc.poll() is not None:
+        log(f"scheduler signal: the run ended before it ({proc.returncode})")
+        return None
+    os.killpg(proc.pid, signal.SIGTERM)  # every process of the tree
+    _, err = proc.communicate(timeout=300)
+    from rnd1.checkpoint.dcp import CheckpointManager
+
+    latest = CheckpointManager(run_dir / "checkpoint", 0).latest()
+    reached = max(_safe_losses(run_dir), default=0)
+    res = {"exit": proc.returncode, "saved_step": latest[0] if latest else None, "step_reached": reached,
+           "traceback": "Traceback" in err}
+    log(f"scheduler signal: SIGTERM to the whole job after step {reached}: exit {proc.returncode}, checkpoint at "
+        f"step {res['saved_step']}{', TRACEBACK' if res['traceback'] else ''}")
+    return res
+
+
+def corrupt_newest_checkpoint(run_dir: Path, log=print) -> str | None:
+    """Silently change bytes in the newest checkpoint's largest shard: the resume must detect
+    it (checksums), set the checkpoint aside and fall back to an intact one."""
+    from rnd1.checkpoint.dcp import CheckpointManager
+
+    ckpts = CheckpointManager(run_dir / "checkpoint", 0).complete_checkpoints()
+    if len(ckpts) < 2:
+        log("corruption: skipped (fewer than two checkpoints to fall back between)")
+        return None
+    step, path = ckpts[-1]
+    shard = max((p for p in path.iterdir() if p.suffix == ".distcp"), key=lambda p: p.stat().st_size)
+    data = bytearray(shard.read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + 4096] = bytes(b ^ 0xFF for b in data[mid:mid + 4096])  # 1,024 floats changed
+    shard.write_bytes(bytes(data))
+    log(f"corruption: changed 4,096 bytes of {shard.relative_to(run_dir)} (newest checkpoint, step {step})")
+    return str(shard.relative_to(run_dir))
+
+
 def drill(kills: int, steps: int, interval: int, seed: int, work: Path, log=print) -> dict:
     from rnd1.data.prepare import prepare
 
@@ -79,38 +184,54 @@ def drill(kills: int, steps: int, interval: int, seed: int, work: Path, log=prin
 
     rng = random.Random(seed)
     run_dir = work / "drilled"
-    survived = during_save = 0
-    ckpt = run_dir / "checkpoint"
+    mark = work / "drill_phase"
+    survived = 0
+    phases = {ph: 0 for ph in SAVE_PHASES}
     for k in range(kills):
         done = max(losses(run_dir), default=0) if (run_dir / "metrics.jsonl").exists() else 0
         if done >= steps - 1:
             break
+        # one kill in each save phase first, then a random mix of phases and mid-training kills
+        phase = SAVE_PHASES[k] if k < len(SAVE_PHASES) else rng.choice(SAVE_PHASES + ("step",))
         target = rng.randint(done + 1, steps - 1)
-        in_save = rng.random() < 0.5  # half the kills wait for a checkpoint save in progress
-        proc = subprocess.Popen(train_cmd(run_dir, data, steps, interval), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, env=env)
-        saving = False
+        mark.unlink(missing_ok=True)
+        proc = subprocess.Popen(train_cmd(run_dir, data, steps, interval, hooked=True), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL,
+                                env={**env, "RND1_DRILL_PHASE": "" if phase == "step" else phase,
+                                     "RND1_DRILL_MARK": str(mark), "RND1_DRILL_SKIP": str(rng.randint(0, 1))})
         while proc.poll() is None:
-            saving = ckpt.exists() and any(ckpt.glob(".step-*.tmp"))
-            reached = (run_dir / "metrics.jsonl").exists() and max(_safe_losses(run_dir), default=0) >= target
-            if (in_save and saving) or (not in_save and reached):
+            if phase != "step" and mark.exists():
                 break
-            time.sleep(0.002 if in_save else 0.02)
+            if phase == "step" and (run_dir / "metrics.jsonl").exists() and \
+                    max(_safe_losses(run_dir), default=0) >= target:
+                break
+            time.sleep(0.005)
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
             survived += 1
-            during_save += saving
+            landed = mark.read_text() if phase != "step" and mark.exists() else None
+            if landed:
+                phases[landed] += 1
             log(f"kill {k + 1}: SIGKILL after step {max(_safe_losses(run_dir), default=0)}"
-                f"{' while a checkpoint was being written' if saving else ''}")
+                f"{f' in the {landed!r} phase of a checkpoint save' if landed else ''}")
         else:
-            log(f"kill {k + 1}: the run finished before the kill")
-    subprocess.run(train_cmd(run_dir, data, steps, interval), check=True, capture_output=True, env=env)
+            log(f"kill {k + 1}: the run finished before the kill ({phase})")
+    scheduler = scheduler_signal(run_dir, data, steps, interval, rng, env, log)
+    corrupted = corrupt_newest_checkpoint(run_dir, log)
+    final = subprocess.run(train_cmd(run_dir, data, steps, interval), capture_output=True, text=True, env=env)
+    if final.returncode:
+        raise RuntimeError(f"the final resume failed ({final.returncode}):\n{final.stderr[-2000:]}")
+    set_aside = sorted(p.name for p in (run_dir / "checkpoint").glob("*.damaged"))
+    if corrupted:
+        log(f"final resume set aside {', '.join(set_aside) or 'nothing'} and fell back to an intact checkpoint")
     a, b = losses(ref_dir), losses(run_dir)
     loss_diffs = [s for s in a if a.get(s) != b.get(s)] + [s for s in b if s not in a]
     wa, wb = final_weights(ref_dir), final_weights(run_dir)
     weight_diffs = [k for k in wa if not torch.equal(wa[k], wb[k])]
-    return {"kills": survived, "during_save": during_save, "loss_steps_differing": loss_diffs,
+    return {"kills": survived, "during_save": sum(phases.values()), "save_phases": phases,
+            "scheduler_signal": scheduler, "corrupted": corrupted, "set_aside": set_aside,
+            "loss_steps_differing": loss_diffs,
             "weights_differing": weight_diffs, "steps": len(b)}
 
 
@@ -124,11 +245,23 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         res = drill(args.kills, args.steps, args.interval, args.seed, Path(args.work or tmp))
-    print(f"kills survived: {res['kills']} ({res['during_save']} during a checkpoint save); "
+    per_phase = ", ".join(f"{n} {ph}" for ph, n in res["save_phases"].items())
+    print(f"kills survived: {res['kills']} ({res['during_save']} during a checkpoint save: {per_phase}); "
           f"loss log: {res['steps']} steps, {len(res['loss_steps_differing'])} differ; "
           f"final weights: {len(res['weights_differing'])} tensors differ")
+    sched = res["scheduler_signal"]
+    if sched is not None and (sched["exit"] != 0 or sched["traceback"] or sched["saved_step"] != sched["step_reached"]):
+        print(f"SCHEDULER SIGNAL: expected one save at the step reached and exit 0, got {sched}")
+        return 1
+    if res["corrupted"] and not res["set_aside"]:
+        print(f"CORRUPTION of {res['corrupted']} was not detected")
+        return 1
     if res["loss_steps_differing"] or res["weights_differing"]:
         print(f"DIFFERENCES: steps {res['loss_steps_differing'][:10]}, tensors {res['weights_differing'][:10]}")
+        return 1
+    missed = [ph for ph, n in res["save_phases"].items() if not n]
+    if missed:
+        print(f"no kill landed in save phase(s) {', '.join(missed)} (use --kills >= {len(SAVE_PHASES)})")
         return 1
     print("bit-identical to the uninterrupted run")
     return 0

@@ -4,20 +4,29 @@ Layout of ``<dump_folder>/<checkpoint.folder>/``::
 
     step-00000100/            a complete checkpoint (DCP shards of model + optimiser,
         .metadata, *.distcp    one extra_rank<R>.pt per rank: loader, schedule, RNG, counters,
-        extra_rank0.pt ...     and COMPLETE, written last, before the folder gets its final name)
+        extra_rank0.pt ...     CHECKSUMS: size + crc32 of every file of every rank, and COMPLETE,
+        CHECKSUMS              written last, before the folder gets its final name)
         COMPLETE
+    step-00000300.damaged/    a checkpoint that failed verification on resume, set aside
     latest                    the name of the newest complete checkpoint (a hint; the scan decides)
     .step-00000200.tmp/       an interrupted save: ignored on resume, removed by the next save
 
 A save writes into a temporary folder, fsyncs every file, writes COMPLETE, renames the folder and
 only then prunes older complete checkpoints (keep-latest-k). A crash at any moment leaves either
 the previous complete checkpoint or the new one, never a half-written folder that resume trusts.
+On resume, ``latest_intact`` verifies the newest checkpoint against CHECKSUMS (every byte is
+read once: a truncated, overwritten or silently changed shard, ``.metadata``, ``extra_rank*.pt``
+or a junk COMPLETE marker is caught), renames a damaged one to ``step-XXXXXXXX.damaged`` with one
+line naming the file, and falls back to the newest intact one. A save that runs out of disk
+removes its temporary folder and raises one line (``no space left on device ...``); the previous
+checkpoint is untouched.
 DCP stores each tensor shard with its global offsets, so a checkpoint saved with one layout
 (EP x FSDP) loads into another (one process) and back.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -37,13 +46,14 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.stateful import Stateful
 
-from rnd1.checkpoint.fsio import fsync_path, fsync_tree
+from rnd1.checkpoint.fsio import file_checksum, fsync_path, fsync_tree, tree_size
 
 # A single process saving/loading with DCP is intended here (no process group needed).
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 _STEP_RE = re.compile(r"^step-(\d{8})$")
 COMPLETE = "COMPLETE"
+CHECKSUMS = "CHECKSUMS"
 
 
 class CheckpointError(RuntimeError):
@@ -114,6 +124,56 @@ class CheckpointManager:
         ckpts = self.complete_checkpoints()
         return ckpts[-1] if ckpts else None
 
+    def verify(self, path: Path) -> str | None:
+        """None if ``path`` is intact, else one line naming the damaged file. Reads every file
+        listed in CHECKSUMS once. A checkpoint written before CHECKSUMS existed is checked only
+        for a readable COMPLETE marker and ``.metadata``."""
+        try:
+            info = json.loads((path / COMPLETE).read_text())
+            if not isinstance(info, dict) or not isinstance(info.get("step"), int):
+                raise ValueError("not a checkpoint marker")
+        except (OSError, ValueError, UnicodeDecodeError) as e:
+            return f"{path / COMPLETE}: unreadable marker ({type(e).__name__})"
+        if not (path / CHECKSUMS).is_file():
+            if not (path / ".metadata").is_file():
+                return f"{path / '.metadata'}: missing"
+            return None
+        try:
+            sums = json.loads((path / CHECKSUMS).read_text())
+            entries = [(name, int(e["size"]), str(e["crc32"])) for name, e in sums.items()]
+        except (OSError, ValueError, UnicodeDecodeError, TypeError, KeyError, AttributeError) as e:
+            return f"{path / CHECKSUMS}: unreadable ({type(e).__name__})"
+        for name, size, crc in entries:
+            f = path / name
+            if not f.is_file():
+                return f"{f}: missing"
+            have = f.stat().st_size
+            if have != size:
+                return f"{f}: {have} bytes, {size} written (truncated or overwritten)"
+            if file_checksum(f) != crc:
+                return f"{f}: checksum mismatch (contents changed after the save)"
+        return None
+
+    def latest_intact(self, log=print) -> tuple[int, Path] | None:
+        """Collective. The newest complete checkpoint that passes ``verify``. Rank 0 sets each
+        damaged newer one aside (renamed to ``step-XXXXXXXX.damaged``, so keep-k pruning and later
+        resumes ignore it) with one line naming the damaged file; every rank then sees the same
+        newest intact checkpoint."""
+        if _rank() == 0:
+            for _step, path in reversed(self.complete_checkpoints()):
+                reason = self.verify(path)
+                if reason is None:
+                    break
+                aside = path.with_name(path.name + ".damaged")
+                n = 1
+                while aside.exists():
+                    aside, n = path.with_name(f"{path.name}.damaged{n}"), n + 1
+                os.replace(path, aside)
+                fsync_path(self.folder)
+                log(f"damaged checkpoint set aside as {aside.name}: {reason}")
+        _barrier()
+        return self.latest()
+
     # ------------------------------------------------------------------ save
     def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
              extra: dict, *, meta: dict | None = None) -> Path:
@@ -130,22 +190,52 @@ class CheckpointManager:
                 shutil.rmtree(final)
             tmp.mkdir(parents=True)
         _barrier()
-        dcp.save({"app": ModelOptimState(model, optimizer)}, checkpoint_id=str(tmp))
-        torch.save(extra, tmp / f"extra_rank{rank}.pt")
-        _barrier()
+        try:
+            dcp.save({"app": ModelOptimState(model, optimizer)}, checkpoint_id=str(tmp))
+            torch.save(extra, tmp / f"extra_rank{rank}.pt")
+            _barrier()
+            if rank == 0:
+                world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+                # every rank's files are in tmp now (after the barrier): one manifest covers them all
+                sums = {p.relative_to(tmp).as_posix(): {"size": p.stat().st_size, "crc32": file_checksum(p)}
+                        for p in sorted(tmp.rglob("*")) if p.is_file()}
+                (tmp / CHECKSUMS).write_text(json.dumps(sums, indent=0))
+                info = {"step": step, "world_size": world, "time": time.time(), **(meta or {})}
+                (tmp / COMPLETE).write_text(json.dumps(info))
+                fsync_tree(tmp)
+                os.replace(tmp, final)
+                fsync_path(self.folder)
+                latest_tmp = self.folder / ".latest.tmp"
+                latest_tmp.write_text(final.name + "\n")
+                os.replace(latest_tmp, self.folder / "latest")
+        except BaseException as e:  # DCP's CheckpointException is a BaseException
+            written = tree_size(tmp)
+            if rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+                (self.folder / ".latest.tmp").unlink(missing_ok=True)
+            if _is_disk_full(e):
+                need = self._estimate_bytes(model, optimizer, written)
+                free = shutil.disk_usage(self.folder).free if self.folder.exists() else 0
+                raise CheckpointError(
+                    f"no space left on device while saving step {step} to {self.folder} "
+                    f"(needs ~{need / 2**20:.0f} MB, {free / 2**20:.0f} MB free); the partial save was "
+                    f"removed, the previous checkpoint is intact") from e
+            raise
         if rank == 0:
-            world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-            info = {"step": step, "world_size": world, "time": time.time(), **(meta or {})}
-            (tmp / COMPLETE).write_text(json.dumps(info))
-            fsync_tree(tmp)
-            os.replace(tmp, final)
-            fsync_path(self.folder)
-            latest_tmp = self.folder / ".latest.tmp"
-            latest_tmp.write_text(final.name + "\n")
-            os.replace(latest_tmp, self.folder / "latest")
             self._prune()
         _barrier()
         return final
+
+    def _estimate_bytes(self, model, optimizer, written: int) -> int:
+        """The size of the newest complete checkpoint, else the tensors about to be written."""
+        done = self.complete_checkpoints()
+        if done:
+            return tree_size(done[-1][1])
+        n = sum(p.numel() * p.element_size() for p in model.state_dict().values() if torch.is_tensor(p))
+        if optimizer is not None:
+            n += sum(t.numel() * t.element_size() for st in optimizer.state.values() for t in st.values()
+                     if torch.is_tensor(t))
+        return max(n, written)
 
     def _prune(self):
         if self.keep_latest_k <= 0:
@@ -170,6 +260,26 @@ class CheckpointManager:
         """Rank 0's extra state, for a resume on another world size: the parts every rank holds
         identically (counters, schedule, layout-independent loader state) restore any layout."""
         return torch.load(path / "extra_rank0.pt", weights_only=False)
+
+
+def _is_disk_full(e: BaseException) -> bool:
+    """ENOSPC anywhere in the chain. torch.save reports it as ``RuntimeError: [enforce fail at
+    inline_container.cc] unexpected pos``, DCP as a CheckpointException wrapping the OSError."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(e)
+        if "No space left on device" in text or "unexpected pos" in text or "Disk quota exceeded" in text:
+            return True
+        failures = getattr(e, "failures", None)  # CheckpointException: {rank: (exception, traceback)}
+        for inner in failures.values() if isinstance(failures, dict) else ():
+            inner = inner[0] if isinstance(inner, tuple) else inner
+            if isinstance(inner, BaseException) and _is_disk_full(inner):
+                return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def resolve_checkpoint_dir(path: str | Path) -> Path:

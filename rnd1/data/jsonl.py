@@ -8,10 +8,17 @@ from pathlib import Path
 
 
 def read_jsonl(path: str | Path, error: type[Exception]) -> Iterator[tuple[int, dict]]:
-    """Yield (line number, object) for each non-blank line. A line that is not a JSON object
-    raises ``error`` naming ``path:line``."""
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
+    """Yield (line number, object) for each non-blank line. A line that is not UTF-8 or not a
+    JSON object raises ``error`` naming ``path:line`` (and, for bad bytes, the file's byte offset)."""
+    offset = 0  # byte offset of the current line's start in the file
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise error(f"{path}:{lineno}: not UTF-8 at byte offset {offset + e.start} "
+                            f"(byte {raw[e.start:e.start + 1]!r}: {e.reason})") from None
+            offset += len(raw)
             if not line.strip():
                 continue
             try:

@@ -22,6 +22,10 @@ FORMAT = "rnd1-tokens-v1"
 DTYPE = np.dtype("<u4")
 
 
+# the keys of meta.json a reader needs, and their JSON types
+REQUIRED_META = {"tokenizer": str, "vocab_size": int, "eos_id": int, "splits": dict}
+
+
 class DataError(ValueError):
     """A dataset that cannot be used: missing, empty, corrupt or built for another tokenizer."""
 
@@ -86,7 +90,10 @@ class TokenSplit:
     def __init__(self, folder: Path, split: str, shards: list[dict]):
         self.name = f"{folder}:{split}"
         self.arrays = []
-        for s in shards:
+        for i, s in enumerate(shards):
+            if not isinstance(s, dict) or not isinstance(s.get("file"), str) or not isinstance(s.get("tokens"), int):
+                raise DataError(f"{folder / 'meta.json'}: splits.{split}[{i}] is {s!r}, expected "
+                                f"{{\"file\": ..., \"tokens\": ...}}")
             path = folder / s["file"]
             if not path.is_file():
                 raise DataError(f"{path}: shard listed in meta.json is missing")
@@ -134,8 +141,15 @@ class TokenDataset:
             self.meta = json.loads(meta_path.read_text())
         except json.JSONDecodeError as e:
             raise DataError(f"{meta_path}: invalid JSON ({e})") from e
+        if not isinstance(self.meta, dict):
+            raise DataError(f"{meta_path}: expected a JSON object, got {type(self.meta).__name__}")
         if self.meta.get("format") != FORMAT:
             raise DataError(f"{meta_path}: format {self.meta.get('format')!r}, expected {FORMAT!r}")
+        for key, kind in REQUIRED_META.items():
+            if key not in self.meta:
+                raise DataError(f"{meta_path}: missing key {key!r} (re-run scripts/prepare_data.py)")
+            if not isinstance(self.meta[key], kind) or isinstance(self.meta[key], bool):
+                raise DataError(f"{meta_path}: key {key!r} is {self.meta[key]!r}, expected a {kind.__name__}")
         if expect_tokenizer is not None and self.meta["tokenizer"] != expect_tokenizer:
             raise DataError(f"{meta_path}: built with tokenizer {self.meta['tokenizer']}, but this run uses "
                             f"{expect_tokenizer}; rebuild the data or change model.tokenizer_path")

@@ -76,10 +76,24 @@ def ensure_datasets(cfg, tokenizer, mcfg: ModelConfig, env: DistEnv) -> list:
                     raise StartupError(f"data.prepare={d.prepare!r}: {e}") from e
     barrier()
     try:
-        return [TokenDataset(f, expect_tokenizer=tokenizer.identity(), vocab_size=mcfg.vocab_size)
-                for f in d.datasets]
+        datasets = [TokenDataset(f, expect_tokenizer=tokenizer.identity(), vocab_size=mcfg.vocab_size)
+                    for f in d.datasets]
     except DataError as e:
         raise StartupError(str(e)) from e
+    check_eval_splits(cfg, datasets)
+    return datasets
+
+
+def check_eval_splits(cfg, datasets: list) -> None:
+    """``eval.interval > 0`` validates on every dataset's ``val`` split: refuse at start-up a dataset
+    without one, rather than failing at the first evaluation (after the first checkpoint)."""
+    if cfg.eval.interval <= 0:
+        return
+    for ds in datasets:
+        if not ds.meta["splits"].get("val"):
+            have = ", ".join(s for s, v in ds.meta["splits"].items() if v) or "none"
+            raise StartupError(f"{ds.folder / 'meta.json'}: no 'val' split (has {have}) but eval.interval="
+                               f"{cfg.eval.interval}; rebuild with data.val_fraction > 0 or set eval.interval=0")
 
 
 def build_loader(cfg, datasets: list, split: str, batch: "BatchPlan", dims: ParallelDims, seed: int | None = None):
