@@ -68,12 +68,9 @@ class Objective:
         return torch.zeros(length, dtype=torch.bool)
 
     def corrupt(self, x0: torch.Tensor, mask_id: int, *, seed: int, sample_ids: torch.Tensor,
-                samples_per_step: int, fixed_t: float | None = None,
-                never_mask: torch.Tensor | None = None) -> Corruption:
+                samples_per_step: int, fixed_t: float | None = None) -> Corruption:
         """x0 [B, L] -> x_t, masked, t (noise keyed by ``sample_ids``; ``fixed_t`` for validation)."""
         protect = self.protected(x0.shape[1]).to(x0.device).expand_as(x0)
-        if never_mask is not None:
-            protect = protect | never_mask
         return corrupt_rows(x0, mask_id, seed=seed, sample_ids=sample_ids, samples_per_step=samples_per_step,
                             eps=self.eps, low_discrepancy=self.low_discrepancy, fixed_t=fixed_t, protect=protect)
 
@@ -120,19 +117,11 @@ class Objective:
         ok = torch.arange(length) >= self.shift
         return ok & ~self.protected(length)
 
-    def normaliser_count(self, x0: torch.Tensor, targets: Targets,
-                         never_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def normaliser_count(self, x0: torch.Tensor, targets: Targets) -> torch.Tensor:
         """This micro-batch's share of the loss denominator (summed over the global batch)."""
         if self.normaliser == "supervised":
             return targets.num_targets.float()
-        scored = self.scored(x0.shape[1]).to(x0.device).expand_as(x0)
-        if never_mask is not None:
-            scored = scored & ~never_mask
-        return scored.sum().float()
-
-
-def objective_names() -> tuple[str, ...]:
-    return tuple(OBJECTIVES)
+        return (self.scored(x0.shape[1]).sum() * x0.shape[0]).float()
 
 
 def get_objective(objective: "str | Objective", **kwargs) -> Objective:
