@@ -101,7 +101,16 @@ class Objective:
     """Training objective and attention recipe."""
     name: str = _f(
         "a2d", "a2d: output i predicts masked x0[i+1] (RND1 eq. 2); mdlm: output i predicts masked x0[i] (eq. 1); "
-               "ar: next-token prediction (the registry in rnd1/diffusion/objective.py)", _objective_name)
+               "ar: next-token prediction; block_a2d / block_mdlm: block diffusion, AR over blocks of "
+               "block_size, diffusion inside each (the registry in rnd1/diffusion/objective.py)", _objective_name)
+    block_size: int = _f(0, "block_a2d / block_mdlm: positions per block (> 0; the size once block_schedule_sizes "
+                            "is over); must stay 0 for the other objectives", _nonneg)
+    block_schedule_sizes: list[int] = _f([], "block-size warm-up (LLaDA 2.0: 1, 4, 32, 64, L, then down): block "
+                                             "sizes in order, the last one equal to block_size; [] keeps block_size")
+    block_schedule_tokens: list[int] = _f([], "training tokens at which each block_schedule_sizes entry starts "
+                                              "(first 0, increasing)")
+    complementary_masking: bool = _f(False, "each sequence twice per batch with complementary masks (LLaDA 2.0's "
+                                            "SFT): every maskable token is supervised once per pair")
     loss_normaliser: Literal["maskable", "supervised"] = _f(
         "maskable", "maskable: divide the 1/t-weighted CE sum by the scored positions of the global batch (the "
                     "per-token NELBO, an upper bound on the NLL per token); supervised: by the masked positions")
@@ -182,6 +191,9 @@ class Data:
     prepare: str = _f("stdlib", "build a missing dataset from this source ('stdlib' or '' to never build)")
     val_fraction: float = _f(0.01, "held-out fraction when preparing", _unit_closed)
     num_workers: int = _f(2, "tokenizer worker processes when preparing", _nonneg)
+    supervise_eos: bool = _f(True, "chat (SFT) datasets: mask and supervise each conversation's trailing EOS and "
+                                   "the window's EOS padding (LLaDA's SFT: the model learns to end a response); "
+                                   "datasets without loss masks supervise every token anyway")
 
 
 @dataclass
@@ -481,13 +493,16 @@ def parse_args(argv: list[str]) -> JobConfig:
 def validate(cfg: JobConfig, world_size: int = 1) -> None:
     """Checks that involve several keys or the world size."""
     o, t, p = cfg.objective, cfg.training, cfg.parallelism
-    from rnd1.diffusion.objective import get_objective
+    from rnd1.diffusion.objective import OBJECTIVES
 
-    if get_objective(o.name).attention == "causal" and o.attention_recipe != "causal":
+    if OBJECTIVES[o.name].attention == "causal" and o.attention_recipe != "causal":
         raise ConfigError(f"objective.name={o.name!r} needs objective.attention_recipe='causal' "
                           f"(got {o.attention_recipe!r}: bidirectional attention would see the target)")
     if o.attention_recipe == "grafting" and o.grafting_tokens <= 0:
         raise ConfigError("objective.attention_recipe='grafting' needs objective.grafting_tokens > 0")
+    _validate_blocks(o, t.seq_len)
+    if o.complementary_masking and not OBJECTIVES[o.name].masks:
+        raise ConfigError(f"objective.complementary_masking=true needs a masking objective, not {o.name!r}")
     if cfg.data.weights and len(cfg.data.weights) != len(cfg.data.datasets):
         raise ConfigError(f"data.weights has {len(cfg.data.weights)} entries but data.datasets has "
                           f"{len(cfg.data.datasets)}")
@@ -509,6 +524,34 @@ def validate(cfg: JobConfig, world_size: int = 1) -> None:
         raise ConfigError(f"training.global_batch_tokens={t.global_batch_tokens} is not a multiple of "
                           f"local_batch_size x seq_len x world size = {t.local_batch_size} x {t.seq_len} x "
                           f"{world_size} = {per_step}")
+
+
+def _validate_blocks(o, seq_len: int) -> None:
+    block = o.name.startswith("block_")
+    sizes, tokens = o.block_schedule_sizes, o.block_schedule_tokens
+    if not block:
+        if o.block_size or sizes or tokens:
+            raise ConfigError(f"objective.block_size / block_schedule_*: only for block_a2d / block_mdlm, but "
+                              f"objective.name={o.name!r}")
+        return
+    if o.block_size < 1:
+        raise ConfigError(f"objective.block_size={o.block_size}: objective.name={o.name!r} needs a block size "
+                          f">= 1 (e.g. 32)")
+    if o.attention_recipe != "scp":
+        raise ConfigError(f"objective.attention_recipe={o.attention_recipe!r}: block diffusion is block-causal "
+                          f"from step 0; use 'scp' (warm up with block_schedule_sizes instead of grafting)")
+    if len(sizes) != len(tokens):
+        raise ConfigError(f"objective.block_schedule_sizes has {len(sizes)} entries but block_schedule_tokens "
+                          f"has {len(tokens)}")
+    if sizes:
+        if tokens[0] != 0 or any(b <= a for a, b in zip(tokens, tokens[1:])):
+            raise ConfigError(f"objective.block_schedule_tokens={tokens}: expected increasing token counts "
+                              f"starting at 0")
+        if any(s < 1 for s in sizes):
+            raise ConfigError(f"objective.block_schedule_sizes={sizes}: every size must be >= 1")
+        if sizes[-1] != o.block_size:
+            raise ConfigError(f"objective.block_schedule_sizes ends at {sizes[-1]} but objective.block_size="
+                              f"{o.block_size}: the schedule's last size is the run's block size")
 
 
 # --------------------------------------------------------------------------- writing

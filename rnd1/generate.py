@@ -133,7 +133,13 @@ def diffusion_generate(model, prompts: list[list[int]], *, gen_length: int, step
                        threshold: float | None = None, temperature: float = 0.0, top_k: int = 0,
                        top_p: float = 1.0, eos_id: int | None = None, suffixes: list[list[int]] | None = None,
                        generator: torch.Generator | None = None, pad_id: int | None = None,
-                       vocab_limit: int | None = None) -> GenerationOutput:
+                       vocab_limit: int | None = None, kv_cache: bool = True) -> GenerationOutput:
+    """Sample ``gen_length`` tokens after each prompt (see the module docstring). A block-diffusion
+    objective (``block_a2d`` / ``block_mdlm``, one with a ``block_size``) decodes block by block
+    under block-causal attention (``_block_generate``); ``block_length`` must then be None or its
+    block size, and ``kv_cache`` chooses between caching committed blocks (each step forwards one
+    block) and re-running the whole prefix every step (same tokens at temperature 0). Other
+    objectives ignore ``kv_cache``."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy {strategy!r} unknown; expected one of {STRATEGIES}")
     objective = get_objective(objective)
@@ -142,6 +148,12 @@ def diffusion_generate(model, prompts: list[list[int]], *, gen_length: int, step
                          f"objective (a2d, mdlm)")
     if objective.shift and any(len(p) == 0 for p in prompts):
         raise ValueError(f"{objective.name} sampling needs a non-empty prompt (position 0 has no prediction)")
+    if getattr(objective, "block_size", None) is not None:
+        return _block_generate(model, prompts, gen_length=gen_length, steps=steps, mask_id=mask_id,
+                               objective=objective, block_length=block_length, strategy=strategy,
+                               threshold=threshold, temperature=temperature, top_k=top_k, top_p=top_p,
+                               eos_id=eos_id, suffixes=suffixes, generator=generator, pad_id=pad_id,
+                               vocab_limit=vocab_limit, kv_cache=kv_cache)
     block_length = block_length or gen_length
     n_blocks = math.ceil(gen_length / block_length)
     if steps < n_blocks:
@@ -171,42 +183,9 @@ def diffusion_generate(model, prompts: list[list[int]], *, gen_length: int, step
             logits = model(x, doc_ids=doc_ids, positions=positions)
             nfe += 1
             read = objective.output_index(pos)  # the output that predicts each position (the shift)
-            lg = _allowed(logits[rows, read].float(), mask_id, vocab_limit)
-            lg = _filter_logits(lg, temperature, top_k, top_p)  # [B, n, V]
-            probs = torch.softmax(lg, dim=-1)
-            if temperature > 0:
-                flat = torch.multinomial(probs.view(-1, probs.shape[-1]), 1, generator=generator)
-                pred = flat.view(B, -1)
-            else:
-                pred = probs.argmax(-1)
-            conf = probs.gather(-1, pred[..., None]).squeeze(-1)
-            if strategy in ("confidence",):
-                score = conf
-            elif strategy == "margin":
-                top2 = torch.topk(probs, 2, dim=-1).values
-                score = top2[..., 0] - top2[..., 1]
-            elif strategy in ("entropy", "rnd1"):
-                score = (probs * torch.log(probs.clamp_min(1e-30))).sum(-1)  # -entropy
-            else:
-                score = torch.rand(conf.shape, generator=generator).to(device)
-            score = score.masked_fill(~still, float("-inf"))
-            n_still = still.sum(1)
-            if s == blk_steps - 1:
-                pick = still  # the block's last step: commit the rest, whatever the rule (no mask id left)
-            elif threshold is not None:
-                pick = (conf > threshold) & still
-                best = score.argmax(1)
-                pick[torch.arange(B), best] |= n_still > 0  # at least one per step
-            else:
-                if strategy == "rnd1":  # RND1's linear schedule of positions that stay masked
-                    keep = rnd1_keep_masked(n_block, blk_steps, s + 1)
-                    k = (n_still - keep).clamp_min(0)
-                else:
-                    k = torch.ceil(n_still.float() / (blk_steps - s)).long()
-                ranked = torch.argsort(score, dim=1, descending=True)
-                rank_of = torch.empty_like(ranked).scatter_(1, ranked, torch.arange(ranked.shape[1], device=device)
-                                                           .expand_as(ranked))
-                pick = (rank_of < k[:, None]) & still
+            pred, pick = _choose(logits[rows, read], still, s, blk_steps, n_block, mask_id=mask_id,
+                                 vocab_limit=vocab_limit, strategy=strategy, threshold=threshold,
+                                 temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
             for b in range(B):
                 for j in torch.nonzero(pick[b]).flatten().tolist():
                     order[b].append(lo + j)
@@ -221,6 +200,191 @@ def diffusion_generate(model, prompts: list[list[int]], *, gen_length: int, step
             gen = gen[:gen.index(eos_id) + 1]
         tokens.append(gen)
     return GenerationOutput(tokens, x.cpu(), nfe, seconds, order)
+
+
+def _choose(logits, still, s, blk_steps, n_block, *, mask_id, vocab_limit, strategy, threshold, temperature,
+            top_k, top_p, generator):
+    """One denoising step's decision for a block: ``logits`` [B, n, V] predict its ``n``
+    positions, ``still`` [B, n] marks those still masked (and in a live row). Returns the
+    predicted tokens and which of them to commit now (step ``s`` of ``blk_steps``)."""
+    B = logits.shape[0]
+    device = logits.device
+    lg = _allowed(logits.float(), mask_id, vocab_limit)
+    lg = _filter_logits(lg, temperature, top_k, top_p)  # [B, n, V]
+    probs = torch.softmax(lg, dim=-1)
+    if temperature > 0:
+        flat = torch.multinomial(probs.view(-1, probs.shape[-1]), 1, generator=generator)
+        pred = flat.view(B, -1)
+    else:
+        pred = probs.argmax(-1)
+    conf = probs.gather(-1, pred[..., None]).squeeze(-1)
+    if strategy in ("confidence",):
+        score = conf
+    elif strategy == "margin":
+        top2 = torch.topk(probs, 2, dim=-1).values
+        score = top2[..., 0] - top2[..., 1]
+    elif strategy in ("entropy", "rnd1"):
+        score = (probs * torch.log(probs.clamp_min(1e-30))).sum(-1)  # -entropy
+    else:
+        score = torch.rand(conf.shape, generator=generator).to(device)
+    score = score.masked_fill(~still, float("-inf"))
+    n_still = still.sum(1)
+    if s == blk_steps - 1:
+        pick = still  # the block's last step: commit the rest, whatever the rule (no mask id left)
+    elif threshold is not None:
+        pick = (conf > threshold) & still
+        best = score.argmax(1)
+        pick[torch.arange(B), best] |= n_still > 0  # at least one per step
+    else:
+        if strategy == "rnd1":  # RND1's linear schedule of positions that stay masked
+            keep = rnd1_keep_masked(n_block, blk_steps, s + 1)
+            k = (n_still - keep).clamp_min(0)
+        else:
+            k = torch.ceil(n_still.float() / (blk_steps - s)).long()
+        ranked = torch.argsort(score, dim=1, descending=True)
+        rank_of = torch.empty_like(ranked).scatter_(1, ranked, torch.arange(ranked.shape[1], device=device)
+                                                   .expand_as(ranked))
+        pick = (rank_of < k[:, None]) & still
+    return pred, pick
+
+
+# --------------------------------------------------------------------------- block diffusion
+def _outputs_at(model, ids: torch.Tensor, idx: torch.Tensor, **kw) -> torch.Tensor:
+    """Logits [B, len(idx), V] of the outputs ``idx`` of one forward: a ``Qwen3`` applies its LM
+    head only there (a 151,936-token vocabulary over a long prefix is the biggest tensor otherwise);
+    any other module is called plainly and its logits indexed."""
+    from rnd1.model.qwen3 import Qwen3
+
+    if isinstance(model, Qwen3):
+        h = model(ids, return_hidden=True, **kw)
+        return model.lm_head(h[:, idx])
+    return model(ids, **kw)[:, idx]
+
+
+def _block_generate(model, prompts, *, gen_length, steps, mask_id, objective, block_length, strategy, threshold,
+                    temperature, top_k, top_p, eos_id, suffixes, generator, pad_id, vocab_limit,
+                    kv_cache) -> GenerationOutput:
+    """Block diffusion sampling: one sequence under block-causal attention, blocks at absolute
+    positions (multiples of ``block_size`` from the row's position 0), each denoised with the
+    usual commit rules and ``steps`` split over the blocks the generated region touches. The
+    block holding the prompt's tail is denoised with those prompt tokens fixed.
+
+    Predictions: MDLM blocks read position j from output j; A2D blocks from output j - 1, and a
+    block's first position s (when no prompt token precedes it inside the block) from the clean
+    output s - 1, computed with the committed prefix only.
+
+    ``kv_cache=True``: the prompt's complete blocks are prefilled once (one forward, counted in
+    ``nfe``); every step forwards the current block only, against the cache; a finished block is
+    forwarded once more, clean, in commit mode (counted), and its last output kept as the A2D
+    prediction for the next block's first position. ``kv_cache=False``: every step forwards the
+    whole prefix [0, end of the current block) with ``block_causal_mask``. Rows are decoded in
+    groups of equal prompt length (a ragged batch needs no padding inside a group)."""
+    bs = objective.block_size
+    if block_length is not None and block_length != bs:
+        raise ValueError(f"block_length {block_length} does not match the {objective.name} model's block size {bs}"
+                         f" (pass None or {bs})")
+    if suffixes and any(len(s) for s in suffixes):
+        raise ValueError(f"{objective.name} decodes left to right block by block: suffixes (infilling) are not "
+                         f"supported")
+    need = max(((len(p) + gen_length - 1) // bs - len(p) // bs + 1 for p in prompts), default=0)
+    if gen_length > 0 and steps < need:
+        raise ValueError(f"steps ({steps}) must be >= the number of blocks ({need})")
+    device = next(model.parameters()).device if any(True for _ in model.parameters()) else torch.device("cpu")
+    pad_id = eos_id if pad_id is None and eos_id is not None else (pad_id or 0)
+    x, _, _, starts = _layout(prompts, None, gen_length, mask_id, pad_id)
+    B, L = x.shape
+    order: list[list[int]] = [[] for _ in range(B)]
+    groups: dict[int, list[int]] = {}
+    for b, p in enumerate(prompts):
+        groups.setdefault(len(p), []).append(b)
+    nfe, t0 = 0, time.perf_counter()
+    kw = dict(mask_id=mask_id, vocab_limit=vocab_limit, strategy=strategy, threshold=threshold,
+              temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+    for P, rows in groups.items():
+        seq = torch.tensor([list(prompts[b]) + [mask_id] * gen_length for b in rows], dtype=torch.long,
+                           device=device)
+        if gen_length > 0:
+            n, o = _decode_blocks(model, seq, P, steps, objective, eos_id, kv_cache, kw)
+            nfe += n
+            for i, b in enumerate(rows):
+                order[b] = o[i]
+        x[rows, L - seq.shape[1]:] = seq.cpu()
+    seconds = time.perf_counter() - t0
+    tokens = []
+    for b in range(B):
+        gen = x[b, starts[b]:starts[b] + gen_length].tolist()
+        if eos_id is not None and eos_id in gen:
+            gen = gen[:gen.index(eos_id) + 1]
+        tokens.append(gen)
+    return GenerationOutput(tokens, x, nfe, seconds, order)
+
+
+def _decode_blocks(model, seq: torch.Tensor, P: int, steps: int, objective, eos_id, use_cache: bool,
+                   kw: dict) -> tuple[int, list[list[int]]]:
+    """Denoise ``seq`` [n, T] (prompts of length ``P``, then mask ids) in place, block by block.
+    Returns the forward count and each row's commit order (offsets from ``P``)."""
+    from rnd1.diffusion.block import block_causal_mask
+    from rnd1.model.kv_cache import KVCache
+
+    mask_id, bs, shift = kw["mask_id"], objective.block_size, objective.shift
+    n, T = seq.shape
+    device = seq.device
+    first, last = P // bs, (T - 1) // bs
+    n_blocks = last - first + 1
+    region = (P + torch.arange(T - P, device=device)).expand(n, T - P)
+    done = torch.zeros(n, dtype=torch.bool, device=device)
+    order: list[list[int]] = [[] for _ in range(n)]
+    nfe = 0
+    cache = KVCache() if use_cache else None
+    carry = None  # A2D with the cache: the clean output just before the current block
+    if use_cache and first > 0:  # prefill the prompt's complete blocks (block-causal among themselves)
+        pos = torch.arange(first * bs, device=device).expand(n, first * bs)
+        with cache.committing():
+            carry = _outputs_at(model, seq[:, :first * bs], torch.tensor([first * bs - 1], device=device),
+                                kv_cache=cache, positions=pos, attn_mask=block_causal_mask(pos, pos, bs))[:, 0]
+        nfe += 1
+    steps_left = steps
+    for k in range(n_blocks):
+        s0 = (first + k) * bs
+        e = min(s0 + bs, T)
+        lo = max(s0, P)  # the block's first generated position
+        blk_steps = steps_left // (n_blocks - k)
+        steps_left -= blk_steps
+        read = torch.arange(lo, e, device=device) - shift  # the output that predicts each position
+        from_carry = use_cache and shift > 0 and lo == s0  # a block start with no prompt token before it
+        for s in range(blk_steps):
+            still = (seq[:, lo:e] == mask_id) & ~done[:, None]
+            if not still.any():
+                break
+            if use_cache:  # the current block only, against the committed blocks
+                if from_carry and e - s0 == 1:  # a one-position block: the kept output is all it needs
+                    lg = carry[:, None]
+                    nfe -= 1  # no forward this step
+                elif from_carry:
+                    lg = torch.cat([carry[:, None], _outputs_at(model, seq[:, s0:e], read[1:] - s0,
+                                                                kv_cache=cache)], dim=1)
+                else:
+                    lg = _outputs_at(model, seq[:, s0:e], read - s0, kv_cache=cache)
+            else:  # the whole prefix, block-causal
+                pos = torch.arange(e, device=device).expand(n, e)
+                lg = _outputs_at(model, seq[:, :e], read, positions=pos,
+                                 attn_mask=block_causal_mask(pos, pos, bs))
+            nfe += 1
+            pred, pick = _choose(lg, still, s, blk_steps, e - lo, **kw)
+            for i in range(n):
+                for j in torch.nonzero(pick[i]).flatten().tolist():
+                    order[i].append(lo - P + j)
+            seq[:, lo:e] = torch.where(pick, pred, seq[:, lo:e])
+            if eos_id is not None:
+                _stop_at_eos(seq, region, mask_id, eos_id, done)
+        if k == n_blocks - 1 or bool(done.all()):
+            break
+        if use_cache:  # the block is final: cache it, clean
+            with cache.committing():
+                carry = _outputs_at(model, seq[:, s0:e], torch.tensor([e - s0 - 1], device=device),
+                                    kv_cache=cache)[:, 0]
+            nfe += 1
+    return nfe, order
 
 
 def _stop_at_eos(x, region, mask_id, eos_id, done):

@@ -38,6 +38,13 @@ def log0(env: DistEnv, msg: str) -> None:
         print(f"[rnd1] {msg}", flush=True)
 
 
+
+def _loss_mask(batch: dict):
+    """The batch's loss mask (SFT data: response tokens), or None when every token counts."""
+    m = batch.get("loss_mask")
+    return None if m is None or bool(m.all()) else m
+
+
 class Trainer:
     def __init__(self, cfg: JobConfig, env: DistEnv):
         self.cfg, self.env = cfg, env
@@ -148,7 +155,8 @@ class Trainer:
         try:
             path = self.ckpt.save(self.step, self.model, self.optimizer, extra,
                                   meta={"tokens_seen": self.tokens_seen, "model_config": self.model_cfg.to_hf_config(),
-                                        "objective": self.cfg.objective.name, "tokenizer": self.tokenizer.identity()})
+                                        "objective": self.cfg.objective.name, "tokenizer": self.tokenizer.identity(),
+                                        "block_size": self.cfg.objective.block_size})
         except CheckpointError as e:
             if str(e).startswith("no space left on device"):  # one line (exit 2), not a traceback
                 raise B.StartupError(str(e)) from e
@@ -157,6 +165,12 @@ class Trainer:
 
     # ----------------------------------------------------------------- recipe
     def _update_attention_mode(self):
+        if self.cfg.objective.block_size:  # block diffusion's block-size warm-up, in token space
+            size = B.block_size_for(self.cfg.objective, self.tokens_seen)
+            if size != self.objective.block_size:
+                log0(self.env, f"block size {self.objective.block_size} -> {size} at step {self.step} "
+                               f"({self.tokens_seen:,} tokens)")
+                self.objective.block_size = size
         mode = B.attention_mode_for(self.cfg.objective, self.tokens_seen)
         if getattr(self.model, "attention_mode", None) != mode:
             if self.step > 0 or self.cfg.objective.attention_recipe == "grafting":
@@ -173,7 +187,8 @@ class Trainer:
         cfg = self.cfg
         self.model.train()
         micro = [MicroBatch(b["input_ids"], b["sample_ids"],
-                            b["doc_ids"] if cfg.training.document_masking else None, seed=cfg.training.seed)
+                            b["doc_ids"] if cfg.training.document_masking else None, seed=cfg.training.seed,
+                            loss_mask=_loss_mask(b))
                  for b in (next(self.train_loader) for _ in range(self.batch.grad_accum))]
         # The aux loss of one micro-batch is a mean over its tokens. Like the CE term (divided by the
         # global normaliser), it is summed over micro-batches here and over data-parallel ranks by
@@ -216,7 +231,8 @@ class Trainer:
         for _ in range(cfg.eval.val_steps):
             b = next(loader)
             docs = b["doc_ids"] if cfg.training.document_masking else None  # the attention training uses
-            micro += [MicroBatch(b["input_ids"], b["sample_ids"], docs, seed=cfg.eval.val_seed + j, fixed_t=t)
+            micro += [MicroBatch(b["input_ids"], b["sample_ids"], docs, seed=cfg.eval.val_seed + j, fixed_t=t,
+                                 loss_mask=_loss_mask(b))
                       for j, t in enumerate(grid)]
         out = run_step(self.model, self.objective, micro, mask_id=self.model_cfg.mask_token_id, samples_per_step=1,
                        all_reduce=self.parallel.all_reduce_dp, backward=False, autocast=self._autocast,

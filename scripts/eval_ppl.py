@@ -14,8 +14,8 @@ import argparse
 import json
 import sys
 
-from rnd1.checkpoint.load import load_for_inference, recorded_objective
-from rnd1.diffusion.objective import OBJECTIVES, get_objective
+from rnd1.checkpoint.load import load_for_inference, objective_for
+from rnd1.diffusion.objective import OBJECTIVES
 from rnd1.eval.perplexity import heldout_nelbo, midpoint_grid
 
 
@@ -27,6 +27,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="", help="preset / HF config for a checkpoint that records none")
     ap.add_argument("--objective", choices=list(OBJECTIVES), default="",
                     help="default: the one the checkpoint was trained with (a2d for HF folders)")
+    ap.add_argument("--block-size", type=int, default=0,
+                    help="block_a2d / block_mdlm: the block size, when the checkpoint does not record it")
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--num-sequences", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=8)
@@ -39,12 +41,13 @@ def main(argv=None) -> int:
     from rnd1.data.shards import DataError, TokenDataset
 
     try:
-        objective = get_objective(args.objective or recorded_objective(args.checkpoint))
+        objective = objective_for(args.checkpoint, args.objective, args.block_size)
         model = load_for_inference(args.checkpoint, args.model, objective)
-        split = TokenDataset(args.data, vocab_size=model.config.vocab_size).split(args.split)
+        data = TokenDataset(args.data, vocab_size=model.config.vocab_size)
+        split = data.split(args.split)
         res = heldout_nelbo(model, objective, split, mask_id=model.config.mask_token_id, seq_len=args.seq_len,
                             num_sequences=args.num_sequences, batch_size=args.batch_size,
-                            t_grid=midpoint_grid(args.t_points), seed=args.seed)
+                            t_grid=midpoint_grid(args.t_points), seed=args.seed, eos_id=data.eos_id)
     except (OSError, ValueError, RuntimeError, DataError, CheckpointException) as e:
         print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
         return 2

@@ -115,10 +115,12 @@ def main(argv: list[str] | None = None) -> Path:
     else:
         mcfg = resolve_model_config(args.model_config).replace(mask_token_id=tokenizer.mask_id)  # as the trainer
         model = _load_dcp(args.input, mcfg)
+        meta = _dcp_meta(args.input)
         meta.setdefault("attention", "bidirectional")
     plan = plan_export(model.config, fmt or "rnd1", tokenizer, tok_source,
                        attention=args.attention or meta["attention"],
-                       objective=args.objective or meta.get("objective"))
+                       objective=args.objective or meta.get("objective"),
+                       block_size=int(meta.get("block_size") or 0))
     out = save_pretrained(model, args.output, max_shard_size=args.max_shard_size, dtype=DTYPES[args.dtype],
                           overwrite=args.overwrite, **plan.save_kwargs())
     print(f"export_hf: wrote {out} (format {fmt or 'rnd1'}, {args.dtype}, tokenizer {tokenizer.name}, "
@@ -126,6 +128,17 @@ def main(argv: list[str] | None = None) -> Path:
           f"mask {plan.generation['mask_token_id']})")
     return out
 
+
+
+def _dcp_meta(path) -> dict:
+    """What a trainer checkpoint recorded about how it reads its model (objective, block size)."""
+    from rnd1.checkpoint.dcp import checkpoint_info
+
+    try:
+        info = checkpoint_info(path)
+    except (OSError, ValueError):  # a DCP folder written by another tool: nothing recorded
+        return {}
+    return {k: info[k] for k in ("objective", "block_size") if info.get(k)}
 
 if __name__ == "__main__":
     try:

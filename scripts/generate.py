@@ -4,6 +4,14 @@
     python scripts/generate.py --checkpoint outputs/debug_model/checkpoint --model debug \\
         --tokenizer byte --prompt "def fibonacci(n):" --gen-length 64 --steps 32 --block-length 16
     python scripts/generate.py --checkpoint /path/to/hf_export --tokenizer /path/to/hf_export --prompt "..."
+    python scripts/generate.py --checkpoint outputs/sft/checkpoint --tokenizer ../shared/data/qwen3_tokenizer \
+        --chat "What is a closure in Python?" --gen-length 256 --steps 128
+
+--chat QUESTION (repeatable) renders the question as a user turn through Qwen3's chat template
+(generation prompt, thinking off) and prints the answer up to <|im_end|> / EOS. Block-diffusion
+models (block_a2d / block_mdlm) decode block by block with a KV cache of committed blocks
+(--no-kv-cache: re-run the prefix every step); their block size is the one the checkpoint
+records, else --block-size.
 
 Loads a DCP checkpoint (step folder or checkpoint root; --model names the preset or a HF
 config) or a Hugging Face folder. Prints the samples, the number of forward passes (NFE) and
@@ -16,9 +24,10 @@ import sys
 
 import torch
 
-from rnd1.checkpoint.load import load_for_inference, recorded_objective
+from rnd1.checkpoint.load import load_for_inference, objective_for
+from rnd1.data.chat import encode_chat_prompt
 from rnd1.data.tokenizer import load_tokenizer
-from rnd1.diffusion.objective import OBJECTIVES, get_objective
+from rnd1.diffusion.objective import OBJECTIVES
 from rnd1.generate import STRATEGIES, ar_generate, diffusion_generate
 
 
@@ -28,7 +37,12 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="", help="preset or HF config for a DCP checkpoint that does not record "
                                                 "its model config (trainer checkpoints do)")
     ap.add_argument("--tokenizer", default="byte")
-    ap.add_argument("--prompt", action="append", required=True, help="repeatable: a batch of prompts")
+    ap.add_argument("--prompt", action="append", default=[], help="repeatable: a batch of prompts")
+    ap.add_argument("--chat", action="append", default=[],
+                    help="repeatable: a user question, rendered through the chat template; prints the answer")
+    ap.add_argument("--block-size", type=int, default=0,
+                    help="block_a2d / block_mdlm: the model's block size when the checkpoint does not record it")
+    ap.add_argument("--no-kv-cache", action="store_true", help="block diffusion: no cache of committed blocks")
     ap.add_argument("--objective", choices=list(OBJECTIVES), default="",
                     help="how to read the model (default: the one a trainer checkpoint records, else a2d)")
     ap.add_argument("--gen-length", type=int, default=64)
@@ -41,30 +55,57 @@ def main(argv=None) -> int:
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    if not args.prompt and not args.chat:
+        ap.error("give at least one --prompt or --chat")
     try:
         tok = load_tokenizer(args.tokenizer)
-        objective = get_objective(args.objective or recorded_objective(args.checkpoint))
+        objective = objective_for(args.checkpoint, args.objective, args.block_size)
         model = load_for_inference(args.checkpoint, args.model, objective).eval()
     except (OSError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    prompts = [tok.encode(p) for p in args.prompt]
-    if not objective.masks:
-        out = ar_generate(model, prompts, max_new_tokens=args.gen_length, eos_id=tok.eos_id,
-                          vocab_limit=tok.vocab_size)
-    else:
-        out = diffusion_generate(
-            model, prompts, gen_length=args.gen_length, steps=args.steps, mask_id=model.config.mask_token_id,
-            objective=objective, block_length=args.block_length or None, strategy=args.strategy,
-            threshold=args.threshold, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-            eos_id=tok.eos_id, generator=torch.Generator().manual_seed(args.seed), vocab_limit=tok.vocab_size)
-    for p, t in zip(args.prompt, out.tokens):
-        print("=" * 60)
-        print(p + tok.decode(t))
+    im_end = tok.special_tokens.get("<|im_end|>")
+    runs = []  # (texts shown, prompt ids, stop id, chat?)
+    if args.prompt:
+        runs.append((args.prompt, [tok.encode(p) for p in args.prompt], tok.eos_id, False))
+    if args.chat:
+        ids = [encode_chat_prompt([{"role": "user", "content": q}], tok) for q in args.chat]
+        runs.append((args.chat, ids, im_end if im_end is not None else tok.eos_id, True))
+    nfe, n_tokens, seconds = 0, 0, 0.0
+    for texts, prompts, stop, chat in runs:
+        out = _generate(model, prompts, objective, args, tok, stop)
+        nfe, seconds = nfe + out.nfe, seconds + out.seconds
+        n_tokens += sum(len(t) for t in out.tokens)
+        for p, t in zip(texts, out.tokens):
+            print("=" * 60)
+            if chat:
+                print(f"Q: {p}")
+                # a byte-level tokenizer spells <|im_end|> out: cut the text there too
+                print(f"A: {tok.decode(_answer(t, {stop, tok.eos_id, im_end})).split('<|im_end|>')[0]}")
+            else:
+                print(p + tok.decode(t))
     print("=" * 60)
-    print(f"NFE {out.nfe}, {out.tokens_per_s:.1f} tokens/s ({sum(len(t) for t in out.tokens)} tokens in "
-          f"{out.seconds:.2f}s)")
+    print(f"NFE {nfe}, {n_tokens / max(seconds, 1e-9):.1f} tokens/s ({n_tokens} tokens in {seconds:.2f}s)")
     return 0
+
+
+def _generate(model, prompts, objective, args, tok, stop):
+    if not objective.masks:
+        return ar_generate(model, prompts, max_new_tokens=args.gen_length, eos_id=stop, vocab_limit=tok.vocab_size)
+    return diffusion_generate(
+        model, prompts, gen_length=args.gen_length, steps=args.steps, mask_id=model.config.mask_token_id,
+        objective=objective, block_length=args.block_length or None, strategy=args.strategy,
+        threshold=args.threshold, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        eos_id=stop, generator=torch.Generator().manual_seed(args.seed), vocab_limit=tok.vocab_size,
+        kv_cache=not args.no_kv_cache)
+
+
+def _answer(tokens: list[int], stops: set) -> list[int]:
+    """The generated tokens up to (not including) the first stop token (<|im_end|> / EOS)."""
+    for i, t in enumerate(tokens):
+        if t in stops:
+            return tokens[:i]
+    return tokens
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@
     python scripts/prepare_data.py --source stdlib --tokenizer byte --out outputs/data/stdlib_byte
     python scripts/prepare_data.py --source 'corpus/*.txt' --source jsonl:web.jsonl:text \\
         --tokenizer ../shared/data/qwen3_tokenizer --out outputs/data/mix --workers 2
+    python scripts/prepare_data.py --source chat:data/arith_chat.jsonl --tokenizer byte \
+        --out outputs/data/arith_chat_byte --val-fraction 0.05
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from rnd1.data.tokenizer import TokenizerError
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--source", action="append", required=True,
-                    help="stdlib | FILE | GLOB | jsonl:PATH[:FIELD] (repeatable)")
+                    help="stdlib | FILE | GLOB | jsonl:PATH[:FIELD] | chat:PATH (repeatable; chat: JSONL "
+                         "conversations for SFT, see rnd1/data/chat.py)")
     ap.add_argument("--tokenizer", default="byte", help="'byte', a Qwen3 tokenizer folder or a .tiktoken file")
     ap.add_argument("--out", required=True, help="dataset folder to create")
     ap.add_argument("--val-fraction", type=float, default=0.01)

@@ -94,3 +94,23 @@ def test_resolved_config_round_trips(tmp_path):
 
 def test_config_reference_is_current():
     assert (REPO / "docs" / "config.md").read_text() == config_reference_markdown() + "\n"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--objective.block_size=8"], "only for block_a2d / block_mdlm"),
+    (["--objective.name=block_a2d"], "needs a block size"),
+    (["--objective.name=block_mdlm", "--objective.block_size=8", "--objective.block_schedule_sizes=[1,8]"],
+     "block_schedule_sizes has 2 entries but block_schedule_tokens has 0"),
+    (["--objective.name=block_a2d", "--objective.block_size=8", "--objective.block_schedule_sizes=[1,4]",
+      "--objective.block_schedule_tokens=[0,100]"], "ends at 4 but objective.block_size=8"),
+    (["--objective.name=block_a2d", "--objective.block_size=8", "--objective.block_schedule_sizes=[1,8]",
+      "--objective.block_schedule_tokens=[5,100]"], "increasing token counts starting at 0"),
+    (["--objective.name=block_a2d", "--objective.block_size=8", "--objective.attention_recipe=grafting",
+      "--objective.grafting_tokens=10"], "block-causal from step 0"),
+    (["--objective.name=ar", "--objective.attention_recipe=causal", "--objective.complementary_masking=true"],
+     "needs a masking objective"),
+])
+def test_block_and_sft_keys_fail_with_one_line(args, message):
+    with pytest.raises(ConfigError, match=message) as e:
+        validate(parse_args(args))
+    assert "\n" not in str(e.value)

@@ -591,11 +591,12 @@ def _tokenizer_files(source: Path) -> tuple[tuple[Path, ...], str | None]:
 
 
 def plan_export(mcfg: ModelConfig, fmt: str, tokenizer, tokenizer_source: str | Path | None, *,
-                attention: str, objective: str | None) -> ExportPlan:
+                attention: str, objective: str | None, block_size: int = 0) -> ExportPlan:
     """What makes an exported folder a complete checkpoint for ``fmt``:
 
     - ``rnd1``: the Qwen3 / Qwen3-MoE config (AutoModelForCausalLM loads it) plus an ``rnd1``
-      block (attention, objective, mask id) for rnd1's own generation;
+      block (attention, objective, block size of a block-diffusion model, mask id) for rnd1's own
+      generation;
     - ``rnd1_release``: the layout of RND1's released inference code (model_type ``rnd1``,
       ``RND1LM``, Qwen3-MoE weight names, MoE in every layer, untied head, bidirectional).
 
@@ -625,7 +626,8 @@ def plan_export(mcfg: ModelConfig, fmt: str, tokenizer, tokenizer_source: str | 
     if outside:
         raise HFCheckpointError(f"tokenizer {tokenizer.name!r}: {', '.join(outside)} outside the model's "
                                 f"vocabulary [0, {mcfg.vocab_size})")
-    meta = {"attention": attention, "objective": objective, "mask_token_id": tokenizer.mask_id}
+    meta = {"attention": attention, "objective": objective, "block_size": block_size or None,
+            "mask_token_id": tokenizer.mask_id}
     config = {**ids, "rnd1": {k: v for k, v in meta.items() if v is not None}}
     generation = dict(ids)
     if fmt == "rnd1_release":

@@ -6,14 +6,45 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rnd1.diffusion.objective import Objective, get_objective
+from rnd1.diffusion.objective import OBJECTIVES, Objective, get_objective
 
 
-def recorded_objective(checkpoint: str | Path, default: str = "a2d") -> str:
-    """The objective a trainer checkpoint was trained with (``default`` for other checkpoints)."""
+def recorded_objective(checkpoint: str | Path, default: str = "a2d", *, block_size: int = 0) -> Objective:
+    """The objective a checkpoint was trained with: a trainer checkpoint's record, or the ``rnd1``
+    block of an exported folder's config.json (``default`` when neither says). A block-diffusion
+    model comes back with its block size: it was trained with that block-causal attention, and
+    sampling or scoring it with another would read a model it never was. ``block_size`` stands in
+    for a block model whose checkpoint records none, and must agree with one that does."""
+    import json
+
     from rnd1.checkpoint.dcp import checkpoint_info, is_dcp_checkpoint
 
-    return checkpoint_info(checkpoint).get("objective", default) if is_dcp_checkpoint(checkpoint) else default
+    if is_dcp_checkpoint(checkpoint):
+        info = checkpoint_info(checkpoint)
+    else:
+        cfg_file = Path(checkpoint) / "config.json"
+        info = (json.loads(cfg_file.read_text()).get("rnd1") or {}) if cfg_file.is_file() else {}
+    name, recorded = info.get("objective") or default, int(info.get("block_size") or 0)
+    if not name.startswith("block_"):
+        return get_objective(name)
+    if recorded and block_size and recorded != block_size:
+        raise ValueError(f"{checkpoint}: block size {block_size} given, but the model was trained with blocks "
+                         f"of {recorded}")
+    if not (recorded or block_size):
+        raise ValueError(f"{checkpoint}: a {name} model that records no block size; pass its block size")
+    return get_objective(name, block_size=recorded or block_size)
+
+
+def objective_for(checkpoint: str | Path, name: str = "", block_size: int = 0) -> Objective:
+    """How to read ``checkpoint``: objective ``name`` when given (a block-diffusion one with
+    ``block_size``), else the one it records (``recorded_objective``)."""
+    if not name:
+        return recorded_objective(checkpoint, block_size=block_size)
+    if name.startswith("block_"):
+        if not block_size:
+            raise ValueError(f"objective {name} needs its block size (--block-size)")
+        return get_objective(name, block_size=block_size)
+    return get_objective(name)
 
 
 def load_for_inference(checkpoint: str | Path, model: str = "", objective: "str | Objective" = "a2d"):
@@ -23,7 +54,7 @@ def load_for_inference(checkpoint: str | Path, model: str = "", objective: "str 
     from rnd1.model.config import ModelConfig, get_preset
     from rnd1.model.qwen3 import build_model
 
-    attention = get_objective(objective).attention
+    attention = (objective if isinstance(objective, Objective) else OBJECTIVES[objective]).attention
     if not is_dcp_checkpoint(checkpoint):
         return load_pretrained(checkpoint, attention=attention)
     saved = checkpoint_info(checkpoint).get("model_config")

@@ -17,6 +17,19 @@ size continues at the same global sample (the corruption noise is keyed by the s
 
 Everything is a pure function of (seed, weights, global index), so the state is the global
 position plus one counter per source, identical on every rank.
+
+Every batch also has ``loss_mask`` (True = the objective may mask and score the token). A split
+without per-token flags (pretraining text) is supervised everywhere. A split built from chat data
+(``rnd1.data.chat``: flags say which tokens are response and where conversations start) is cut
+differently, so that SFT never sees half a conversation: whole conversations are packed greedily,
+in file order, into windows of ``seq_len`` tokens and the rest of each window is EOS padding.
+A conversation longer than ``seq_len`` gets a window of its own and is TRUNCATED to its first
+``seq_len`` tokens (losing the end of its response); the loader counts them in ``truncated``.
+``doc_ids`` then number the conversations (from the DOC_START flags), and the padding belongs to
+the window's last conversation: as in LLaDA's SFT, EOS padding reads as that response's tail.
+``supervise_eos`` (default True, LLaDA) makes each conversation's trailing EOS and the padding
+supervised, so the model learns to end a response by filling EOS; False leaves them as context.
+These windows go through the same seeded per-epoch order and global stream as any other.
 """
 
 from __future__ import annotations
@@ -24,38 +37,102 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from rnd1.data.shards import DataError, TokenSplit
+from typing import NamedTuple
+
+from rnd1.data.shards import FLAG_DOC_START, FLAG_LOSS, FLAG_TRAILING_EOS, DataError, TokenSplit
 
 # Source draws come in blocks of this many global samples (one generator per block): a rank
 # has to count every global sample's draw, including the other ranks', to know its own windows.
 _PICK_BLOCK = 4096
 
 
-class _Source:
-    def __init__(self, split: TokenSplit, seq_len: int, seed: int, index: int, world: int):
+class Window(NamedTuple):
+    """One sequence: tokens, loss mask and (conversation-aligned windows only) document ids."""
+
+    tokens: np.ndarray
+    loss: np.ndarray
+    doc_ids: np.ndarray | None
+
+
+class TextWindows:
+    """Consecutive ``seq_len`` slices of a split; every token supervised."""
+
+    def __init__(self, split: TokenSplit, seq_len: int):
         self.split, self.seq_len = split, seq_len
         self.num_windows = len(split) // seq_len
+        self.truncated = 0
+
+    def get(self, w: int) -> Window:
+        tokens = self.split.slice(w * self.seq_len, self.seq_len)
+        return Window(tokens, np.ones(self.seq_len, dtype=bool), None)
+
+
+class ConversationWindows:
+    """Whole conversations packed greedily in file order, EOS-padded (see the module docstring)."""
+
+    def __init__(self, split: TokenSplit, seq_len: int, eos_id: int, supervise_eos: bool):
+        self.split, self.seq_len, self.eos_id, self.supervise_eos = split, seq_len, eos_id, supervise_eos
+        starts = split.doc_starts().astype(np.int64)
+        if not len(starts) or starts[0] != 0:
+            raise DataError(f"{split.name}: the flags do not mark a conversation start at token 0")
+        self.starts = starts
+        self.ends = np.append(starts[1:], len(split))
+        lengths = self.ends - starts
+        self.truncated = int((lengths > seq_len).sum())
+        first, used = [], seq_len + 1
+        for i, n in enumerate(np.minimum(lengths, seq_len).tolist()):
+            if used + n > seq_len:
+                first.append(i)
+                used = 0
+            used += n
+        self.first = np.asarray(first, dtype=np.int64)  # window w holds docs first[w] .. first[w+1]-1
+        self.last = np.append(self.first[1:], len(starts))
+        self.num_windows = len(first)
+
+    def get(self, w: int) -> Window:
+        lo = int(self.starts[self.first[w]])
+        hi = min(int(self.ends[self.last[w] - 1]), lo + self.seq_len)
+        pad = self.seq_len - (hi - lo)
+        tokens = np.concatenate([self.split.slice(lo, hi - lo), np.full(pad, self.eos_id, dtype=np.uint32)])
+        flags = np.concatenate([self.split.slice_flags(lo, hi - lo),
+                                np.full(pad, FLAG_TRAILING_EOS, dtype=np.uint8)])
+        loss = (flags & FLAG_LOSS) != 0
+        if self.supervise_eos:
+            loss |= (flags & FLAG_TRAILING_EOS) != 0
+        doc_ids = np.cumsum((flags & FLAG_DOC_START) != 0) - 1
+        return Window(tokens, loss, doc_ids)
+
+
+class _Source:
+    def __init__(self, split: TokenSplit, seq_len: int, seed: int, index: int, world: int, *,
+                 eos_id: int = 0, supervise_eos: bool = True):
+        self.split, self.seq_len = split, seq_len
+        self.windows = (ConversationWindows(split, seq_len, eos_id, supervise_eos)
+                        if getattr(split, "has_flags", False) else TextWindows(split, seq_len))
+        self.num_windows = self.windows.num_windows
         if self.num_windows < world:
             raise DataError(f"{split.name}: {len(split)} tokens make {self.num_windows} windows of seq_len "
                             f"{seq_len}, fewer than the {world} data-parallel ranks")
         self.seed, self.index = seed, index
         self._cached_epoch, self._cached_order = -1, None
 
-    def window(self, n: int) -> np.ndarray:
+    def window(self, n: int) -> Window:
         """The n-th window this source hands out: epoch n // num_windows visits every window once."""
         epoch, pos = divmod(n, self.num_windows)
         if self._cached_epoch != epoch:
             rng = np.random.default_rng([self.seed, self.index, epoch])
             self._cached_order, self._cached_epoch = rng.permutation(self.num_windows), epoch
-        w = int(self._cached_order[pos])
-        return self.split.slice(w * self.seq_len, self.seq_len)
+        return self.windows.get(int(self._cached_order[pos]))
 
 
 class PackedLoader:
-    """Iterator of ``{"input_ids": LongTensor[B, L], "doc_ids": IntTensor[B, L], "sample_ids": LongTensor[B]}``."""
+    """Iterator of ``{"input_ids": LongTensor[B, L], "doc_ids": IntTensor[B, L], "sample_ids": LongTensor[B],
+    "loss_mask": BoolTensor[B, L]}``. ``supervise_eos`` only matters for chat splits (module docstring);
+    ``truncated`` counts the conversations longer than ``seq_len`` (cut to fit) over all sources."""
 
     def __init__(self, splits: list[TokenSplit], *, seq_len: int, batch_size: int, eos_id: int,
-                 weights: list[float] | None = None, seed: int = 0, dp_rank: int = 0, dp_world_size: int = 1):
+                 weights: list[float] | None = None, seed: int = 0, dp_rank: int = 0, dp_world_size: int = 1,
+                 supervise_eos: bool = True):
         if not splits:
             raise DataError("no datasets given")
         weights = list(weights) if weights else [1.0] * len(splits)
@@ -63,7 +140,10 @@ class PackedLoader:
             raise DataError(f"mixture weights {weights} must be {len(splits)} non-negative numbers with a "
                             f"positive sum")
         self.probs = np.asarray(weights, dtype=np.float64) / sum(weights)
-        self.sources = [_Source(s, seq_len, seed, i, dp_world_size) for i, s in enumerate(splits)]
+        self.sources = [_Source(s, seq_len, seed, i, dp_world_size, eos_id=eos_id, supervise_eos=supervise_eos)
+                        for i, s in enumerate(splits)]
+        self.supervise_eos = supervise_eos
+        self.truncated = sum(s.windows.truncated for s in self.sources)
         self.seq_len, self.batch_size, self.eos_id = seq_len, batch_size, eos_id
         self.seed, self.rank, self.world = seed, dp_rank, dp_world_size
         self.start = 0  # global index where this rank's interleaving began (0, or a restored position)
@@ -97,7 +177,7 @@ class PackedLoader:
     def _counts(self, lo: int, hi: int) -> np.ndarray:
         return np.bincount(self._picks(lo, hi), minlength=len(self.sources))
 
-    def _take(self, g: int) -> np.ndarray:
+    def _take(self, g: int) -> Window:
         """Global sample g's window (g >= every sample this rank took before)."""
         self._drawn = [d + int(c) for d, c in zip(self._drawn, self._counts(self._scanned, g))]
         k = int(self._picks(g, g + 1)[0])
@@ -111,8 +191,13 @@ class PackedLoader:
         sample_ids = self.start + (torch.arange(self.batch_size) + self.samples) * self.world + self.rank
         rows = [self._take(int(g)) for g in sample_ids]
         self.samples += self.batch_size
-        ids = torch.from_numpy(np.stack(rows).astype(np.int64))
-        return {"input_ids": ids, "doc_ids": document_ids(ids, self.eos_id), "sample_ids": sample_ids}
+        ids = torch.from_numpy(np.stack([r.tokens for r in rows]).astype(np.int64))
+        doc_ids = document_ids(ids, self.eos_id)
+        for b, r in enumerate(rows):
+            if r.doc_ids is not None:  # conversation-aligned: EOS padding stays in the last conversation
+                doc_ids[b] = torch.from_numpy(r.doc_ids.astype(np.int32))
+        loss_mask = torch.from_numpy(np.stack([r.loss for r in rows]))
+        return {"input_ids": ids, "doc_ids": doc_ids, "sample_ids": sample_ids, "loss_mask": loss_mask}
 
     def state_dict(self) -> dict:
         """Layout-independent: the first global sample no rank has produced yet and, per source,

@@ -4,7 +4,11 @@ Sources (one document per text file, or per JSONL line):
 - ``stdlib``: every .py file of the running Python's standard library (about 31 MB: a real
   corpus present on every machine, used by the debug configs);
 - a text file, or a glob of them (``data/*.txt``);
-- ``jsonl:PATH[:FIELD]`` or a ``.jsonl`` path (field ``text`` unless given).
+- ``jsonl:PATH[:FIELD]`` or a ``.jsonl`` path (field ``text`` unless given);
+- ``chat:PATH`` (or a glob): JSONL conversations, ``{"messages": [...]}`` or ``{"prompt", "response"}``,
+  rendered with Qwen3's chat template (``rnd1.data.chat``). When any source is chat, every shard
+  gets per-token flags (which tokens are supervised, where conversations start), so a fine-tune
+  scores only the responses; plain-text documents mixed in are supervised everywhere.
 
 Documents are assigned to the validation split by a seeded draw (``val_fraction``), tokenised by
 worker processes, and written to shards; ``meta.json`` is written last, so an interrupted run
@@ -23,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rnd1.data.chat import encode_conversation, messages_from_record
 from rnd1.data.jsonl import read_jsonl
 from rnd1.data.shards import DataError, ShardWriter, write_meta
 from rnd1.data.tokenizer import load_tokenizer
@@ -33,8 +38,24 @@ def stdlib_files() -> list[Path]:
     return sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts and "dist-packages" not in p.parts)
 
 
+def _paths(source: str) -> list[str]:
+    paths = sorted(glob.glob(source)) if any(c in source for c in "*?[") else [source]
+    if not paths:
+        raise DataError(f"data source {source!r}: no files match")
+    for p in paths:
+        if not Path(p).is_file():
+            raise DataError(f"data source {source!r}: {p} is not a file")
+    return paths
+
+
 def iter_documents(source: str, jsonl_field: str = "text"):
-    """Yield (origin, text) for one source spec."""
+    """Yield (origin, document) for one source spec: the text, or for ``chat:`` sources the
+    checked list of messages (a bad record raises DataError naming ``path:line``)."""
+    if source.startswith("chat:"):
+        for path in _paths(source[len("chat:"):]):
+            for lineno, rec in read_jsonl(path, DataError):
+                yield f"{path}:{lineno}", messages_from_record(rec, f"{path}:{lineno}")
+        return
     if source == "stdlib":
         for p in stdlib_files():
             yield str(p), p.read_text(encoding="utf-8", errors="replace")
@@ -44,13 +65,8 @@ def iter_documents(source: str, jsonl_field: str = "text"):
         rest = source[len("jsonl:"):]
         path, _, f = rest.partition(":") if not Path(rest).exists() else (rest, "", "")
         source, field = path, f or jsonl_field
-    paths = sorted(glob.glob(source)) if any(c in source for c in "*?[") else [source]
-    if not paths:
-        raise DataError(f"data source {source!r}: no files match")
-    for path in paths:
+    for path in _paths(source):
         p = Path(path)
-        if not p.is_file():
-            raise DataError(f"data source {source!r}: {p} is not a file")
         if p.suffix == ".jsonl" or field != jsonl_field or source.endswith(".jsonl"):
             for lineno, rec in read_jsonl(p, DataError):
                 if field not in rec:
@@ -68,8 +84,13 @@ def _init_worker(tokenizer_path: str):
     _WORKER_TOK = load_tokenizer(tokenizer_path)
 
 
-def _encode(text: str) -> np.ndarray:
-    return np.asarray(_WORKER_TOK.encode(text, allowed_special="none"), dtype=np.uint32)
+def _encode(doc) -> tuple[np.ndarray, np.ndarray | None]:
+    """(ids, loss mask or None): plain text never turns into special tokens; a conversation is
+    rendered with them and gets its loss mask."""
+    if isinstance(doc, str):
+        return np.asarray(_WORKER_TOK.encode(doc, allowed_special="none"), dtype=np.uint32), None
+    ids, loss = encode_conversation(doc, _WORKER_TOK)
+    return np.asarray(ids, dtype=np.uint32), np.asarray(loss, dtype=bool)
 
 
 class _Progress:
@@ -113,9 +134,9 @@ def prepare(sources: list[str], tokenizer_path: str, out_dir: str | Path, *, val
     tok = load_tokenizer(tokenizer_path)
     docs = []
     for source in sources:
-        for origin, text in iter_documents(source, jsonl_field):
-            if text.strip():
-                docs.append(text)
+        for origin, doc in iter_documents(source, jsonl_field):
+            if not isinstance(doc, str) or doc.strip():
+                docs.append(doc)
             if max_docs and len(docs) >= max_docs:
                 break
         if max_docs and len(docs) >= max_docs:
@@ -132,21 +153,22 @@ def prepare(sources: list[str], tokenizer_path: str, out_dir: str | Path, *, val
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    writers = {s: ShardWriter(tmp, s, tok.eos_id, shard_tokens) for s in ("train", "val")}
+    flags = any(s.startswith("chat:") for s in sources)
+    writers = {s: ShardWriter(tmp, s, tok.eos_id, shard_tokens, flags=flags) for s in ("train", "val")}
     progress = _Progress(len(docs), f"tokenising into {out}") if not quiet else None
     if workers > 1:
         ctx = mp.get_context("spawn")
         with ctx.Pool(workers, initializer=_init_worker, initargs=(str(tokenizer_path),)) as pool:
             results = pool.imap(_encode, docs, chunksize=16)
-            for val, ids in zip(is_val, results):
-                writers["val" if val else "train"].add(ids)
+            for val, (ids, loss) in zip(is_val, results):
+                writers["val" if val else "train"].add(ids, loss)
                 if progress:
                     progress.update(len(ids))
     else:
         _init_worker(str(tokenizer_path))
-        for val, text in zip(is_val, docs):
-            ids = _encode(text)
-            writers["val" if val else "train"].add(ids)
+        for val, doc in zip(is_val, docs):
+            ids, loss = _encode(doc)
+            writers["val" if val else "train"].add(ids, loss)
             if progress:
                 progress.update(len(ids))
     if progress:

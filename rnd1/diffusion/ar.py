@@ -19,14 +19,17 @@ class AR(Objective):
     shift = 1
     attention = "causal"
 
-    def corrupt(self, x0: torch.Tensor, mask_id: int, **_) -> Corruption:
-        """Nothing is masked; t = 1 (a weight of 1)."""
-        return Corruption(x0, torch.zeros_like(x0, dtype=torch.bool), torch.ones(x0.shape[0]))
+    def protected(self, length: int) -> torch.Tensor:
+        p = torch.zeros(length, dtype=torch.bool)
+        p[0] = True  # no output predicts position 0
+        return p
+
+    def corrupt(self, x0: torch.Tensor, mask_id: int, *, loss_mask: torch.Tensor | None = None,
+                **_) -> Corruption:
+        """Nothing is masked; t = 1 (a weight of 1). Every position but the first is supervised
+        (SFT: every response position)."""
+        return Corruption(x0, torch.zeros_like(x0, dtype=torch.bool), torch.ones(x0.shape[0]),
+                          self.maskable(x0, loss_mask))
 
     def supervised_positions(self, x0: torch.Tensor, c: Corruption) -> torch.Tensor:
-        pos = torch.ones_like(x0, dtype=torch.bool)
-        pos[:, :self.shift] = False
-        return pos
-
-    def position_weights(self, c: Corruption) -> torch.Tensor:
-        return torch.ones_like(c.t, dtype=torch.float32)
+        return self.maskable(x0) if c.maskable is None else c.maskable

@@ -70,29 +70,40 @@ def _row_weighted_ce(hidden: torch.Tensor, head: torch.Tensor, select: torch.Ten
 @torch.no_grad()
 def heldout_nelbo(model, objective: "str | Objective", split, *, mask_id: int, seq_len: int, num_sequences: int,
                   batch_size: int = 8, t_grid: list[float] | None = None, seed: int = 0,
-                  device: torch.device | str = "cpu") -> HeldOutResult:
+                  device: torch.device | str = "cpu", eos_id: int = 0) -> HeldOutResult:
+    """A split with loss masks (chat data, ``rnd1.data.chat``) is read the way SFT trains on it:
+    whole conversations packed into EOS-padded windows, documents kept apart, and only response
+    tokens masked and scored: the per-token NELBO of the responses (``eos_id`` pads)."""
+    from rnd1.data.loader import ConversationWindows, TextWindows
+
     objective = get_objective(objective)
-    windows = len(split) // seq_len
-    if windows < 1:
+    chat = getattr(split, "has_flags", False)
+    windows = ConversationWindows(split, seq_len, eos_id, True) if chat else TextWindows(split, seq_len)
+    if windows.num_windows < 1:
         raise ValueError(f"{split.name}: {len(split)} tokens make no window of {seq_len}")
-    n_seq = min(num_sequences, windows)
+    n_seq = min(num_sequences, windows.num_windows)
     grid = list(t_grid or midpoint_grid(8)) if objective.masks else [None]
     a = np.zeros(n_seq)  # weighted CE per sequence, summed over the grid
     n = np.zeros(n_seq)  # scored positions per sequence, times the grid size
+    scored = objective.scored(seq_len)
     was_training = model.training
     model.eval()
     try:
         for start in range(0, n_seq, batch_size):
             ids = list(range(start, min(start + batch_size, n_seq)))
-            x0 = torch.from_numpy(np.stack([split.slice(i * seq_len, seq_len) for i in ids]).astype(np.int64))
+            got = [windows.get(i) for i in ids]
+            x0 = torch.from_numpy(np.stack([w.tokens for w in got]).astype(np.int64))
+            loss = torch.from_numpy(np.stack([w.loss for w in got])) if chat else None
+            docs = torch.from_numpy(np.stack([w.doc_ids for w in got]).astype(np.int32)) if chat else None
             for k, t in enumerate(grid):
                 c = objective.corrupt(x0, mask_id, seed=seed + k, sample_ids=torch.tensor(ids), samples_per_step=1,
-                                      fixed_t=t)
+                                      fixed_t=t, loss_mask=loss)
                 tg = objective.targets(x0, c).to(device)
-                hidden = model(c.x_t.to(device), return_hidden=True)
+                hidden = objective.forward(model, c, x0, docs, device=device, return_hidden=True)
                 a[start:start + len(ids)] += _row_weighted_ce(hidden, model.lm_head.weight, tg.select, tg.targets,
                                                               tg.weights).cpu().numpy()
-                n[start:start + len(ids)] += float(objective.scored(seq_len).sum())
+                per_row = (loss & scored).sum(1).numpy() if chat else float(scored.sum())
+                n[start:start + len(ids)] += per_row
     finally:
         model.train(was_training)
     ratio = a.sum() / n.sum()

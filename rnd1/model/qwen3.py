@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rnd1.model.config import ModelConfig
+from rnd1.model.kv_cache import KVCache
 from rnd1.model.moe import DenseMLP, MoE, moe_aux_loss
 
 ATTENTION_MODES = ("causal", "bidirectional")
@@ -57,8 +58,9 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 class Attention(nn.Module):
     """Grouped-query attention with per-head q/k RMSNorm, through F.scaled_dot_product_attention."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer_idx: int = 0):
         super().__init__()
+        self.layer_idx = layer_idx
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         H, bias = cfg.hidden_size, cfg.attention_bias
         self.q_proj = nn.Linear(H, self.n_heads * self.head_dim, bias=bias)
@@ -68,12 +70,15 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, attn_mask: torch.Tensor | None, is_causal: bool):
+    def forward(self, x, cos, sin, attn_mask: torch.Tensor | None, is_causal: bool,
+                kv_cache: "KVCache | None" = None):
         B, L, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(B, L, self.n_heads, self.head_dim)).transpose(1, 2)
         k = self.k_norm(self.k_proj(x).view(B, L, self.n_kv, self.head_dim)).transpose(1, 2)
         v = self.v_proj(x).view(B, L, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if kv_cache is not None:  # keys/values of the cached prefix come first
+            k, v = kv_cache.keys_values(self.layer_idx, k, v)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, is_causal=is_causal and attn_mask is None,
             enable_gqa=self.n_kv != self.n_heads,
@@ -87,7 +92,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, layer_idx)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.is_moe = cfg.is_moe_layer(layer_idx)
         if self.is_moe:
@@ -96,8 +101,13 @@ class Block(nn.Module):
         else:
             self.mlp = DenseMLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, cos, sin, attn_mask: torch.Tensor | None = None, is_causal: bool = False):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, is_causal)
+    def forward(self, x, cos, sin, attn_mask: torch.Tensor | None = None, is_causal: bool = False,
+                kv_cache: "KVCache | None" = None):
+        attn_in = self.input_layernorm(x)
+        if kv_cache is None:
+            x = x + self.self_attn(attn_in, cos, sin, attn_mask, is_causal)
+        else:
+            x = x + self.self_attn(attn_in, cos, sin, attn_mask, is_causal, kv_cache=kv_cache)
         h = self.post_attention_layernorm(x)
         if self.is_moe:
             out, stats = self.mlp(h)
@@ -163,8 +173,16 @@ class Qwen3(nn.Module):
 
     # ----------------------------------------------------------------- forward
     def forward(self, input_ids: torch.Tensor, *, doc_ids: torch.Tensor | None = None,
-                positions: torch.Tensor | None = None, return_hidden: bool = False) -> torch.Tensor:
+                positions: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
+                kv_cache: "KVCache | None" = None, return_hidden: bool = False) -> torch.Tensor:
+        """``attn_mask`` (bool [B or 1, 1, L, L + cached], True: may attend) replaces the mode's
+        pattern: an objective with its own structure (block diffusion's [x_t | x_0] stream) builds
+        it, documents included, so it excludes ``doc_ids``. ``kv_cache`` (``rnd1.model.kv_cache``)
+        prepends the cached prefix's keys/values in every layer (and appends this call's when the
+        cache is in ``commit`` mode): block-by-block sampling of a block-diffusion model."""
         B, L = input_ids.shape
+        if attn_mask is not None and doc_ids is not None:
+            raise ValueError("pass either attn_mask or doc_ids: an explicit mask already holds the documents")
         if L > self.config.max_position_embeddings:
             raise ValueError(f"sequence length {L} exceeds max_position_embeddings "
                              f"{self.config.max_position_embeddings}")
@@ -173,12 +191,17 @@ class Qwen3(nn.Module):
         is_mask = (input_ids == self.config.mask_token_id).unsqueeze(-1)
         h = torch.where(is_mask, self.mask_embedding.to(h.dtype), h)
         if positions is None:
-            positions = torch.arange(L, device=input_ids.device).expand(B, L)
+            start = kv_cache.length if kv_cache is not None else 0
+            positions = torch.arange(start, start + L, device=input_ids.device).expand(B, L)
         cos, sin = rotary_cos_sin(positions, self.config.head_dim, self.config.rope_theta, h.dtype)
-        attn_mask = document_mask(doc_ids, causal) if doc_ids is not None else None
+        if attn_mask is None and doc_ids is not None:
+            attn_mask = document_mask(doc_ids, causal)
         stats_sum = None
         for layer in self.layers:
-            h, stats = layer(h, cos, sin, attn_mask, causal)
+            if kv_cache is None:
+                h, stats = layer(h, cos, sin, attn_mask, causal)
+            else:
+                h, stats = layer(h, cos, sin, attn_mask, causal, kv_cache=kv_cache)
             if stats.numel():
                 stats_sum = stats if stats_sum is None else stats_sum + stats
         self._router_stats = stats_sum

@@ -18,7 +18,10 @@ processes              EP e -> EP min(e, 2); a cluster preset runs on 2 x EP ran
                        at most 4) or 2 ranks (FSDP); a debug preset on EP ranks (how its
                        run_train.sh line starts it)
 intervals              validation, task scoring and checkpoints every 2 steps; loss logged every step
-data                   one small byte-level dataset in place of each of the config's datasets
+data                   one small byte-level dataset in place of each of the config's datasets; a
+                       chat (SFT) config gets its own chat source tokenised with the byte tokenizer,
+                       in windows of 256 tokens (a conversation must fit one)
+block diffusion        the block size as configured; its warm-up schedule's token counts scaled
 =====================  ==========================================================================
 
 The reference is the same shrunken run in one process, eager, without expert parallelism: same
@@ -42,6 +45,7 @@ from rnd1.model.config import get_preset
 
 REPO = Path(__file__).resolve().parents[2]
 SEQ_LEN, MICRO_BATCH, STEPS, MAX_PROCS = 64, 2, 4, 4
+CHAT_SEQ_LEN = 256
 DEBUG_PRESETS = ("debug", "debug_dense")
 
 
@@ -84,10 +88,16 @@ def plan(config: str | Path, *, data: str | Path, pretrained: dict[str, str | Pa
     total = STEPS * gbt
     ratio = total / _config_total_tokens(cfg)
 
+    seq_len = SEQ_LEN
+    if cfg.data.prepare.startswith("chat:"):  # SFT: the config's own conversations, byte-level
+        data, seq_len = _chat_dataset(cfg.data.prepare, Path(out) / "chat_data"), CHAT_SEQ_LEN
+        gbt = MICRO_BATCH * seq_len * nproc * accum
+        total = STEPS * gbt
+        ratio = total / _config_total_tokens(cfg)
     ov: dict[str, object] = {
         "job.dump_folder": str(Path(out) / "run"), "job.print_config": False,
         "model.name": preset, "model.hf_config": "", "model.tokenizer_path": "byte", "model.mask_token_id": -1,
-        "training.seq_len": SEQ_LEN, "training.local_batch_size": MICRO_BATCH, "training.global_batch_tokens": gbt,
+        "training.seq_len": seq_len, "training.local_batch_size": MICRO_BATCH, "training.global_batch_tokens": gbt,
         "data.datasets": "[" + ", ".join(json.dumps(str(data)) for _ in cfg.data.datasets) + "]",
         "data.prepare": "", "metrics.log_freq": 1,
         "parallelism.expert_parallel_degree": ep,
@@ -105,6 +115,11 @@ def plan(config: str | Path, *, data: str | Path, pretrained: dict[str, str | Pa
         ov["objective.grafting_tokens"] = max(1, round(o.grafting_tokens * ratio))
     if s.warmup_tokens > 0:
         ov["lr_schedule.warmup_tokens"] = max(1, round(s.warmup_tokens * ratio))
+    if o.block_schedule_tokens:  # scaled, kept strictly increasing so every stage still exists
+        scaled = [0]
+        for tok in o.block_schedule_tokens[1:]:
+            scaled.append(max(scaled[-1] + 1, round(tok * ratio)))
+        ov["objective.block_schedule_tokens"] = "[" + ", ".join(map(str, scaled)) + "]"
     if s.base_batch_tokens > 0 and t.global_batch_tokens > 0:
         ov["lr_schedule.base_batch_tokens"] = max(1, round(s.base_batch_tokens * gbt / t.global_batch_tokens))
     for key in ("eval.interval", "eval.task_interval", "checkpoint.interval"):
@@ -120,6 +135,20 @@ def plan(config: str | Path, *, data: str | Path, pretrained: dict[str, str | Pa
     bf16 = (nproc > 1 and t.mixed_precision_param == "bfloat16") or t.autocast == "bfloat16" \
         or cfg.model.dtype == "bfloat16"
     return Rehearsal(config, preset, nproc, ov, ref, rel_tol=3e-2 if bf16 else 2e-3)
+
+
+def _chat_dataset(source: str, out: Path) -> Path:
+    """The config's chat source (``chat:PATH``, relative to the repository) tokenised byte-level;
+    a cluster config's placeholder path gets the repository's own chat data instead."""
+    from rnd1.data.prepare import prepare
+
+    path = Path(source[len("chat:"):])
+    path = path if path.is_absolute() else REPO / path
+    if not path.is_file():
+        path = REPO / "data" / "arith_chat.jsonl"
+    if not (out / "meta.json").is_file():
+        prepare([f"chat:{path}"], "byte", out, val_fraction=0.1, workers=1, quiet=True)
+    return out
 
 
 def write_tiny_pretrained(preset: str, out: str | Path) -> Path:

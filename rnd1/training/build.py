@@ -81,6 +81,10 @@ def ensure_datasets(cfg, tokenizer, mcfg: ModelConfig, env: DistEnv) -> list:
     except DataError as e:
         raise StartupError(str(e)) from e
     check_eval_splits(cfg, datasets)
+    chat = [str(ds.folder) for ds in datasets if ds.has_flags]
+    if chat and not cfg.training.document_masking:
+        raise StartupError(f"data.datasets: {chat[0]} holds conversations with loss masks (SFT); packed "
+                           f"conversations must not see each other: set training.document_masking=true")
     return datasets
 
 
@@ -105,7 +109,7 @@ def build_loader(cfg, datasets: list, split: str, batch: "BatchPlan", dims: Para
         return PackedLoader(splits, seq_len=cfg.training.seq_len, batch_size=cfg.training.local_batch_size,
                             eos_id=datasets[0].eos_id, weights=cfg.data.weights or None,
                             seed=cfg.training.seed if seed is None else seed, dp_rank=dims.dp_rank,
-                            dp_world_size=dims.dp_size)
+                            dp_world_size=dims.dp_size, supervise_eos=cfg.data.supervise_eos)
     except DataError as e:
         raise StartupError(str(e)) from e
 
@@ -151,7 +155,20 @@ def build_objective(cfg):
     from rnd1.diffusion.objective import get_objective
 
     o = cfg.objective
-    return get_objective(o.name, eps=o.eps, low_discrepancy=o.low_discrepancy, normaliser=o.loss_normaliser)
+    kw = {"block_size": block_size_for(o, 0)} if o.block_size else {}
+    return get_objective(o.name, eps=o.eps, low_discrepancy=o.low_discrepancy, normaliser=o.loss_normaliser,
+                         complementary=o.complementary_masking, **kw)
+
+
+def block_size_for(obj, tokens_seen: int) -> int:
+    """Block diffusion's block size after ``tokens_seen`` training tokens: the warm-up schedule's
+    entry (``block_schedule_sizes`` / ``_tokens``), or ``block_size``. In token space, like every
+    schedule here, so it means the same at any batch size."""
+    size = obj.block_size
+    for start, s in zip(obj.block_schedule_tokens, obj.block_schedule_sizes):
+        if tokens_seen >= start:
+            size = s
+    return size
 
 
 def aux_loss_coef(cfg, mcfg: ModelConfig) -> float:
@@ -290,7 +307,7 @@ def export_config(cfg, mcfg: ModelConfig, tokenizer):
     attention = build_objective(cfg).attention
     try:
         return plan_export(mcfg, fmt, tokenizer, cfg.model.tokenizer_path, attention=attention,
-                           objective=cfg.objective.name)
+                           objective=cfg.objective.name, block_size=cfg.objective.block_size)
     except HFCheckpointError as e:
         raise StartupError(f"checkpoint.export_hf_format={fmt!r} (model.tokenizer_path="
                            f"{cfg.model.tokenizer_path!r}): {e}") from e

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rnd1.diffusion.corruption import pair_rows
 from rnd1.diffusion.loss import weighted_ce_sum
 from rnd1.diffusion.objective import Objective
 
@@ -33,6 +34,7 @@ class MicroBatch:
     doc_ids: torch.Tensor | None = None  # [B, L] per-document attention, or None
     seed: int = 0  # noise seed (training: training.seed; validation: one per grid point)
     fixed_t: float | None = None  # validation: this noise level for every row
+    loss_mask: torch.Tensor | None = None  # [B, L] bool: tokens that may be masked and scored (SFT: responses)
 
 
 @dataclass
@@ -56,20 +58,25 @@ def run_step(model, objective: Objective, micro_batches: list[MicroBatch], *, ma
     prepared = []
     normaliser = torch.zeros((), dtype=torch.float64)
     for mb in micro_batches:
-        c = objective.corrupt(mb.x0, mask_id, seed=mb.seed, sample_ids=mb.sample_ids,
-                              samples_per_step=samples_per_step, fixed_t=mb.fixed_t)
-        tg = objective.targets(mb.x0, c)
-        normaliser += objective.normaliser_count(mb.x0, tg).double()
-        prepared.append((mb, c, tg))
+        x0, sample_ids, doc_ids, loss_mask = mb.x0, mb.sample_ids, mb.doc_ids, mb.loss_mask
+        # complementary masking (training only): every row twice, the second masked where the
+        # first is not; validation's fixed grid needs no variance reduction
+        pairs = objective.complementary and mb.fixed_t is None
+        if pairs:
+            x0, sample_ids, doc_ids, loss_mask = pair_rows(x0, sample_ids, doc_ids, loss_mask)
+        c = objective.corrupt(x0, mask_id, seed=mb.seed, sample_ids=sample_ids, samples_per_step=samples_per_step,
+                              fixed_t=mb.fixed_t, loss_mask=loss_mask, complementary=pairs)
+        tg = objective.targets(x0, c)
+        normaliser += objective.normaliser_count(x0, tg, loss_mask).double()
+        prepared.append((x0, doc_ids, c, tg))
     denom = all_reduce(normaliser.float().to(device)).clamp_min(1.0)
     ce_total = torch.zeros((), device=device)
     supervised = torch.zeros((), device=device)
     masked = 0.0
-    for mb, c, tg in prepared:
-        doc_ids = mb.doc_ids.to(device) if mb.doc_ids is not None else None
+    for x0, doc_ids, c, tg in prepared:
         tg = tg.to(device)
         with autocast():
-            hidden = model(c.x_t.to(device), doc_ids=doc_ids, return_hidden=True)
+            hidden = objective.forward(model, c, x0, doc_ids, device=device, return_hidden=True)
             ce = weighted_ce_sum(hidden, model.lm_head.weight, tg, ce_backend=ce_backend)
             if backward:
                 loss = ce / denom * loss_scale

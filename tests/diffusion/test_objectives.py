@@ -18,9 +18,9 @@ def _c(x_t, t):
 
 
 def test_registry_and_interface():
-    assert set(OBJECTIVES) == {"ar", "mdlm", "a2d"}
+    assert set(OBJECTIVES) == {"ar", "mdlm", "a2d", "block_a2d", "block_mdlm"}
     for name in OBJECTIVES:
-        obj = get_objective(name)
+        obj = get_objective(name, **({"block_size": 4} if name.startswith("block_") else {}))
         assert isinstance(obj, Objective) and obj.name == name and get_objective(obj) is obj
     assert (get_objective("ar").masks, get_objective("ar").attention) == (False, "causal")
     assert (get_objective("a2d").shift, get_objective("mdlm").shift) == (1, 0)
