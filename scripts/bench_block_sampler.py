@@ -35,8 +35,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", default="", help="a trained model (default: the debug preset, random weights)")
     ap.add_argument("--model", default="debug", help="preset (or HF config) to build / read the checkpoint with")
-    ap.add_argument("--objective", choices=["block_a2d", "block_mdlm"], default="block_a2d")
-    ap.add_argument("--block-size", type=int, default=32)
+    ap.add_argument("--objective", choices=["block_a2d", "block_mdlm"], default="",
+                    help="default: the checkpoint's (block_a2d for random weights)")
+    ap.add_argument("--block-size", type=int, default=0,
+                    help="default: the checkpoint's recorded block size (32 for random weights)")
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--prompt-length", type=int, default=16)
     ap.add_argument("--gen-length", type=int, default=256)
@@ -47,15 +49,18 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    objective = get_objective(args.objective, block_size=args.block_size)
     if args.checkpoint:
-        from rnd1.checkpoint.load import load_for_inference
+        from rnd1.checkpoint.load import load_for_inference, objective_for
 
+        objective = objective_for(args.checkpoint, args.objective, args.block_size)
+        if not hasattr(objective, "block_size"):
+            raise SystemExit(f"{args.checkpoint} is a {objective.name} model, not block diffusion")
         model = load_for_inference(args.checkpoint, args.model, objective)
     else:
         from rnd1.model.config import get_preset
         from rnd1.model.qwen3 import build_model
 
+        objective = get_objective(args.objective or "block_a2d", block_size=args.block_size or 32)
         model = build_model(get_preset(args.model), seed=0, attention_mode=objective.attention)
     model = model.to(args.device).eval()
     cfg = model.config
@@ -69,7 +74,7 @@ def main(argv=None) -> int:
             res[cache] = diffusion_generate(model, prompts, kv_cache=cache, **kw)
     dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU: {_cpu_model()}"
     print(f"device {dev}, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"model {args.checkpoint or args.model + ' (random weights)'}, {args.objective} block {args.block_size}, "
+    print(f"model {args.checkpoint or args.model + ' (random weights)'}, {objective.name} block {objective.block_size}, "
           f"{args.prompts} prompts x {args.prompt_length} prompt + {args.gen_length} generated tokens, "
           f"{kw['steps']} steps")
     for cache in (True, False):

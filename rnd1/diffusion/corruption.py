@@ -78,7 +78,8 @@ def corrupt_rows(x0: torch.Tensor, mask_id: int, *, seed: int, sample_ids: torch
 
     ``complementary`` (LLaDA 2.0's SFT): rows come in pairs holding the same sample; the second
     row masks exactly the maskable positions the first leaves clean (u >= t instead of u < t), so
-    it is masked with probability 1 - t, which is its t. Each row is an unbiased estimate on its
+    it is masked with probability 1 - t, which is its t. The first row's t is then drawn from
+    [eps, 1 - eps], so neither weight exceeds 1/eps. Each row is an unbiased estimate on its
     own; together every maskable token is supervised once per pair."""
     if not 0.0 < eps < 1.0:
         raise ValueError(f"eps must be in (0, 1), got {eps}")
@@ -87,6 +88,10 @@ def corrupt_rows(x0: torch.Tensor, mask_id: int, *, seed: int, sample_ids: torch
     n_blocks = -(-L // block_size) if block_size > 0 else 1
     if complementary and (B % 2 or any(ids[i] != ids[i + 1] for i in range(0, B, 2))):
         raise ValueError("complementary masking needs rows in pairs of the same sample (use pair_rows)")
+    # complementary pairs draw t in [eps, 1 - eps], so the second row's 1 - t keeps the eps floor
+    # that bounds every 1/t weight
+    span = 1.0 - (2 * eps if complementary else eps)
+    strata = samples_per_step * n_blocks
     ts, us = [], []
     for r, g in enumerate(ids):
         if complementary and r % 2:  # the pair's second row: the first row's draws
@@ -98,13 +103,13 @@ def corrupt_rows(x0: torch.Tensor, mask_id: int, *, seed: int, sample_ids: torch
         for k in range(n_blocks):
             if fixed_t is not None:
                 t = torch.tensor([float(fixed_t)])
-            elif low_discrepancy:
+            elif low_discrepancy:  # stratum k * G + pos: the blocks of one row land far apart
                 step, pos = divmod(g, samples_per_step)
                 u = torch.rand((), generator=_row_generator(seed, -1 - step)).item()
-                r_ = (u + (pos * n_blocks + k) / (samples_per_step * n_blocks)) % 1.0
-                t = torch.tensor([eps + (1.0 - eps) * r_])
+                r_ = (u + (k * samples_per_step + pos) / strata) % 1.0
+                t = torch.tensor([eps + span * r_])
             else:
-                t = sample_t(1, eps=eps, generator=gen)
+                t = (eps + span * torch.rand(1, generator=gen)).float()
             row_t.append(t)
         ts.append(torch.cat(row_t))
         us.append(torch.rand(L, generator=gen))

@@ -183,16 +183,19 @@ class Qwen3(nn.Module):
         B, L = input_ids.shape
         if attn_mask is not None and doc_ids is not None:
             raise ValueError("pass either attn_mask or doc_ids: an explicit mask already holds the documents")
-        if L > self.config.max_position_embeddings:
-            raise ValueError(f"sequence length {L} exceeds max_position_embeddings "
-                             f"{self.config.max_position_embeddings}")
+
         causal = self.attention_mode == "causal"
         h = self.embed_tokens(input_ids)
         is_mask = (input_ids == self.config.mask_token_id).unsqueeze(-1)
         h = torch.where(is_mask, self.mask_embedding.to(h.dtype), h)
         if positions is None:
             start = kv_cache.length if kv_cache is not None else 0
+            if start + L > self.config.max_position_embeddings:
+                raise ValueError(f"sequence length {start + L} exceeds max_position_embeddings "
+                                 f"{self.config.max_position_embeddings}")
             positions = torch.arange(start, start + L, device=input_ids.device).expand(B, L)
+        # explicit positions (block diffusion's [x_t | x0] stream repeats 0..L-1) are the caller's
+        # to keep in range: checking them here would read a device tensor on every forward
         cos, sin = rotary_cos_sin(positions, self.config.head_dim, self.config.rope_theta, h.dtype)
         if attn_mask is None and doc_ids is not None:
             attn_mask = document_mask(doc_ids, causal)

@@ -153,3 +153,25 @@ def test_elbo_and_heldout_tools_read_block_models(model, tmp_path):
     assert math.isfinite(lp) and lp < 0
     # per continuation token the bound is about log V for an untrained model (not 2x: one stream scored)
     assert 0.5 * math.log(256) < -lp / len(cont) < 2.0 * math.log(258)
+
+
+def test_two_stream_fits_any_length_the_positions_fit():
+    """The [x_t | x0] stream is 2L long but its positions stop at L - 1: an L up to
+    max_position_embeddings must run, not just L / 2."""
+    cfg = get_preset("debug").replace(max_position_embeddings=32)
+    m = build_model(cfg, seed=0, attention_mode="bidirectional")
+    obj = get_objective("block_a2d", block_size=8)
+    x0 = _x0(1, 32)
+    c = obj.corrupt(x0, M, seed=0, sample_ids=torch.tensor([0]), samples_per_step=1)
+    assert obj.forward(m, c, x0, return_hidden=True).shape[1] == 64
+    with pytest.raises(ValueError, match="exceeds max_position_embeddings"):
+        m(_x0(1, 33))
+
+
+def test_low_discrepancy_spreads_the_blocks_of_a_row():
+    obj = get_objective("block_mdlm", block_size=4, low_discrepancy=True)
+    c = obj.corrupt(_x0(8, 16), M, seed=0, sample_ids=torch.arange(8), samples_per_step=8)
+    t = c.t  # [8 rows, 4 blocks]: 32 strata of width 1/32, one per (row, block)
+    assert (t.max(1).values - t.min(1).values).min() > 0.5  # a row's blocks do not share a narrow range
+    strata = torch.floor((t.flatten() - 1e-3) / (1 - 1e-3) * 32).long().sort().values
+    assert len(set(strata.tolist())) >= 31  # (u + k) mod 1: every stratum once, up to the wrap

@@ -86,6 +86,9 @@ def test_complementary_masks_partition_the_response(name):
     assert torch.equal(first | second, maskable)  # together: the whole maskable response
     t1, t2 = c.t[0::2], c.t[1::2]
     assert torch.allclose(t1 + t2, torch.ones_like(t1))  # the second row's t is 1 - t
+    big = obj.corrupt(*pair_rows(torch.zeros(2000, 4, dtype=torch.long)), M, seed=0,
+                      sample_ids=torch.arange(2000).repeat_interleave(2), samples_per_step=2000, complementary=True)
+    assert float(big.t.min()) >= obj.eps  # both rows keep the eps floor: no weight above 1/eps
     with pytest.raises(ValueError, match="pairs"):
         obj.corrupt(x0, M, seed=3, sample_ids=torch.arange(4), samples_per_step=4, complementary=True)
 
