@@ -45,6 +45,26 @@ def set_op_backend(op: str, name: str) -> None:
     _op_backend[op] = name
 
 
+# Implementations an ``auto`` op chose by measuring them on this machine (``kernels.autotune``; the
+# trainer measures at start-up). Consulted only while the op's backend is ``auto``.
+_op_impl: dict[str, str] = {}
+
+
+def set_op_impl(op: str, impl: str | None) -> None:
+    """Record the measured choice for ``op`` (None forgets it)."""
+    if op not in OPS:
+        raise ValueError(f"kernel op {op!r} unknown; expected one of {OPS}")
+    if impl is None:
+        _op_impl.pop(op, None)
+    else:
+        _op_impl[op] = impl
+
+
+def op_impl(op: str) -> str | None:
+    """The measured implementation of ``op`` when its backend is ``auto``; None otherwise."""
+    return _op_impl.get(op) if _op_backend[op] == "auto" else None
+
+
 def op_backend(op: str) -> str:
     """The configured (unresolved) backend of ``op``; pass it to ``resolve_backend``."""
     return _op_backend[op]

@@ -22,7 +22,7 @@ import os
 
 import torch
 
-from kernels.backend import dot_precision, resolve_backend
+from kernels.backend import dot_precision, op_impl, resolve_backend
 
 try:
     import triton
@@ -49,11 +49,15 @@ def _zero_tail(t: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def grouped_mm_reference(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """torch.nn.functional.grouped_mm when its layout rules allow (measured faster than a loop
-    of per-group matmuls on this project's CPU, at the debug and the 30B-A3B shapes:
-    kernels/README.md), else one torch.mm per non-empty group."""
-    if _torch_grouped_mm_ok(x, w):
+IMPLS = ("grouped", "loop", "triton")  # what the op runs; "reference" means grouped where allowed
+
+
+def grouped_mm_reference(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, impl: str = "grouped") -> torch.Tensor:
+    """torch.nn.functional.grouped_mm when its layout rules allow (``impl="grouped"``; measured
+    faster than a loop of per-group matmuls on this project's first CPU, at the debug and the
+    30B-A3B shapes: kernels/README.md), else (or with ``impl="loop"``) one torch.mm per
+    non-empty group. The backend ``auto`` picks between them by measuring (``kernels.autotune``)."""
+    if impl == "grouped" and _torch_grouped_mm_ok(x, w):
         return _zero_tail(torch.nn.functional.grouped_mm(x, w, offs=offs), offs)
     out = x.new_zeros(x.shape[0], w.shape[-1])
     start = 0
@@ -77,9 +81,10 @@ def _like(dw: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(w).copy_(dw)
 
 
-def grouped_mm_backward_reference(grad, x, w, offs):
+def grouped_mm_backward_reference(grad, x, w, offs, impl: str = "grouped"):
     grad = grad.contiguous()  # grouped_mm's backward rejects zero-stride gradients (from .sum())
-    if _torch_grouped_mm_ok(x, w) and grad.dtype == x.dtype and (grad.shape[1] * grad.element_size()) % 16 == 0:
+    if impl == "grouped" and _torch_grouped_mm_ok(x, w) and grad.dtype == x.dtype \
+            and (grad.shape[1] * grad.element_size()) % 16 == 0:
         grad = _zero_tail(grad, offs)
         dx = _zero_tail(torch.nn.functional.grouped_mm(grad, w.transpose(1, 2), offs=offs), offs)
         # dW[g] = x_g^T grad_g: the 2-D x 2-D form, groups along the reduction dimension.
@@ -278,7 +283,7 @@ def grouped_mm_dw_triton(x, dy, offs, G, config: dict | None = None, like: torch
 def _grouped_mm_op(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, backend: str) -> torch.Tensor:
     if backend == "triton":
         return grouped_mm_triton(x, w, offs)
-    return grouped_mm_reference(x, w, offs)
+    return grouped_mm_reference(x, w, offs, "loop" if backend == "loop" else "grouped")
 
 
 @_grouped_mm_op.register_fake
@@ -293,7 +298,7 @@ def _grouped_mm_bwd_op(grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor, off
         grad = grad.contiguous()
         dx = grouped_mm_triton(grad, w.transpose(1, 2), offs)
         return dx, grouped_mm_dw_triton(x, grad, offs, w.shape[0], like=w)
-    return grouped_mm_backward_reference(grad, x, w, offs)
+    return grouped_mm_backward_reference(grad, x, w, offs, "loop" if backend == "loop" else "grouped")
 
 
 @_grouped_mm_bwd_op.register_fake
@@ -321,7 +326,43 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, backend: st
     if x.dim() != 2 or w.dim() != 3 or x.shape[1] != w.shape[1] or offs.shape != (w.shape[0],):
         raise ValueError(f"grouped_mm: expected x [N, K], w [G, K, M], offs [G]; got {tuple(x.shape)}, "
                          f"{tuple(w.shape)}, {tuple(offs.shape)}")
-    return _grouped_mm_op(x, w, offs, resolve_backend(backend, x.device))
+    return _grouped_mm_op(x, w, offs, _implementation(backend, x.device))
+
+
+def _implementation(backend: str, device) -> str:
+    """The op's argument: ``triton``, ``reference`` (grouped where allowed), or ``loop``. An
+    ``auto`` backend with a measured choice (``kernels.backend.op_impl``) takes that choice."""
+    if backend == "auto":
+        chosen = op_impl("grouped_mm")
+        if chosen is not None and (chosen != "triton" or torch.device(device).type == "cuda"):
+            return {"grouped": "reference"}.get(chosen, chosen)
+    return resolve_backend(backend, device)
+
+
+def tuning_candidates(tokens: int, experts: int, hidden: int, inter: int, *, dtype=torch.float32,
+                      device="cpu", seed: int = 0) -> dict:
+    """Closures running one SwiGLU expert layer (gate, up, down; forward + backward) at these
+    shapes with each implementation available here: what ``auto`` measures before choosing.
+    Rows are spread evenly over the experts (what a balanced router sends)."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(tokens, hidden, generator=g) * 0.1).to(device, dtype).requires_grad_()
+    ws = [(torch.randn(experts, o, i, generator=g) * 0.02).to(device, dtype).requires_grad_()
+          for o, i in ((inter, hidden), (inter, hidden), (hidden, inter))]
+    offs = torch.linspace(0, tokens, experts + 1)[1:].round().to(torch.int32).to(device)
+    impls = ["grouped", "loop"] + (["triton"] if torch.device(device).type == "cuda" and triton else [])
+
+    def layer(impl):
+        def run():
+            gate = _grouped_mm_op(x, ws[0].transpose(-2, -1), offs, {"grouped": "reference"}.get(impl, impl))
+            up = _grouped_mm_op(x, ws[1].transpose(-2, -1), offs, {"grouped": "reference"}.get(impl, impl))
+            h = torch.nn.functional.silu(gate) * up
+            out = _grouped_mm_op(h, ws[2].transpose(-2, -1), offs, {"grouped": "reference"}.get(impl, impl))
+            out.sum().backward()
+            for t in (x, *ws):
+                t.grad = None
+        return run
+
+    return {impl: layer(impl) for impl in impls}
 
 
 # --------------------------------------------------------------------------- ahead-of-time compile specs

@@ -23,6 +23,37 @@ import torch
 from kernels.backend import resolve_backend
 
 DEFAULT_CHUNK_TOKENS = 256
+CHUNK_CANDIDATES = (128, 256, 512, 1024, 2048)  # what ``auto`` measures (kernels.autotune)
+_tuned_chunk: int | None = None
+
+
+def set_tuned_chunk_tokens(n: int | None) -> None:
+    """The token-chunk size a measurement chose for this run (None: ``DEFAULT_CHUNK_TOKENS``).
+    Used by calls that do not pass ``chunk_tokens``; any size computes the same loss."""
+    global _tuned_chunk
+    if n is not None and n <= 0:
+        raise ValueError(f"chunk size must be > 0, got {n}")
+    _tuned_chunk = n
+
+
+def tuning_candidates(rows: int, hidden: int, vocab: int, *, dtype=torch.float32, device="cpu",
+                      seed: int = 0) -> dict:
+    """Closures running the loss with gradients at these shapes, one per chunk size (sizes
+    beyond ``rows`` are the same computation as ``rows`` and are left out)."""
+    g = torch.Generator().manual_seed(seed)
+    h = (torch.randn(rows, hidden, generator=g) * 0.1).to(device, dtype).requires_grad_()
+    w = (torch.randn(vocab, hidden, generator=g) * 0.02).to(device, dtype).requires_grad_()
+    tgt = torch.randint(0, vocab, (rows,), generator=g).to(device)
+    wt = torch.ones(rows, device=device)
+    sizes = [c for c in CHUNK_CANDIDATES if c < rows] + [min(rows, CHUNK_CANDIDATES[-1])]
+
+    def run(c):
+        def f():
+            masked_cross_entropy(h, w, tgt, wt, chunk_tokens=c).backward()
+            h.grad = w.grad = None
+        return f
+
+    return {str(c): run(c) for c in dict.fromkeys(sizes)}
 # chunk_tokens=0 selects the two-pass vocabulary-chunked path; its logits block holds this many elements
 VOCAB_CHUNK_ELEMS = 1 << 23  # 32 MiB of fp32 logits: small next to dW, large enough for efficient matmuls
 
@@ -165,10 +196,13 @@ class _MaskedCE(torch.autograd.Function):
 
 def masked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          weights: torch.Tensor, select: torch.Tensor | None = None, *,
-                         chunk_tokens: int = DEFAULT_CHUNK_TOKENS, backend: str = "auto",
+                         chunk_tokens: int | None = None, backend: str = "auto",
                          ignore_index: int = -100) -> torch.Tensor:
     """Weighted CE sum (fp32 scalar; fp64 for fp64 inputs) over selected rows of ``hidden`` [N, H] against ``weight``
-    [V, H]; ``targets`` [N] int64, ``weights`` [N] (e.g. 1/t), ``select`` [N] bool or None."""
+    [V, H]; ``targets`` [N] int64, ``weights`` [N] (e.g. 1/t), ``select`` [N] bool or None.
+    ``chunk_tokens`` None: the measured size (``set_tuned_chunk_tokens``), else the default."""
+    if chunk_tokens is None:
+        chunk_tokens = _tuned_chunk or DEFAULT_CHUNK_TOKENS
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"masked_cross_entropy: hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} "
                          f"must be [N, H] and [V, H]")

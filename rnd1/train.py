@@ -64,6 +64,9 @@ class Trainer:
         self.datasets = B.ensure_datasets(cfg, self.tokenizer, self.model_cfg, env)
         self.batch = B.batch_plan(cfg, self.parallel)
         B.set_kernel_backends(cfg)
+        self.autocast, why = B.resolve_autocast(cfg, env.device)
+        if cfg.training.autocast == "auto":
+            log0(env, f"precision: {'bf16 autocast' if self.autocast == 'bfloat16' else 'fp32'} ({why})")
 
         self.model = B.build_and_load_model(cfg, self.model_cfg, self.parallel, env, tokenizer=self.tokenizer)
         self.optimizer, self.schedule = B.build_optimizer_and_schedule(cfg, self.model, self.batch)
@@ -71,7 +74,7 @@ class Trainer:
         self.ckpt = CheckpointManager(self.run_dir / cfg.checkpoint.folder, cfg.checkpoint.keep_latest_k)
         self.step, self.tokens_seen = 0, 0
         self.guard = NonFiniteGuard(cfg.training.max_nonfinite_skips)
-        dtype = torch.bfloat16 if cfg.training.autocast == "bfloat16" or self.model_dtype == torch.bfloat16 \
+        dtype = torch.bfloat16 if self.autocast == "bfloat16" or self.model_dtype == torch.bfloat16 \
             else torch.float32
         # a configured peak is trusted; a measured one is measured again if MFU ever reads > 100%
         remeasure = None if cfg.metrics.peak_flops else (lambda: measure_matmul_peak(dtype, device=env.device))
@@ -87,10 +90,18 @@ class Trainer:
             (self.run_dir / "config.toml").write_text(cfg.to_toml())
         self.metrics = MetricsLogger(self.run_dir, enabled=env.is_rank0, tensorboard=cfg.metrics.enable_tensorboard,
                                      save_jsonl=cfg.metrics.save_jsonl)
+        for line in B.autotune_kernels(cfg, self.model_cfg, self.batch, self.parallel, env, self.objective,
+                                       self._compute_dtype, self.run_dir / "autotune.json"):
+            log0(env, line)
 
     @property
     def model_dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
+
+    @property
+    def _compute_dtype(self) -> torch.dtype:
+        """What the matmuls run in: bf16 under autocast or bf16 parameters, else the parameters'."""
+        return torch.bfloat16 if self.autocast == "bfloat16" else self.model_dtype
 
     # ----------------------------------------------------------------- checkpoints
     def _resume(self):
@@ -178,7 +189,7 @@ class Trainer:
             self.model.set_attention_mode(mode)
 
     def _autocast(self):
-        if self.cfg.training.autocast == "bfloat16":
+        if self.autocast == "bfloat16":
             return torch.autocast(self.env.device.type, dtype=torch.bfloat16)
         return nullcontext()
 

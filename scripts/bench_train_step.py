@@ -268,6 +268,9 @@ def parse(argv=None):
     ap.add_argument("--vs-torchtitan", action="store_true",
                     help="also time torchtitan 0.3.0's Qwen3 with the same weights (scripts/peers/)")
     ap.add_argument("--table", action="store_true", help="sweep options, print a Table 4.2-style table")
+    ap.add_argument("--side-by-side", action="store_true",
+                    help="this trainer's A2D step and same-work AR step beside transformers' AR step "
+                         "(and torchtitan's with --vs-torchtitan), with the CPU model and flags")
     ap.add_argument("--scaling", action="store_true",
                     help="sweep model size (hidden 256/512/1024, expert width and heads growing with it) x "
                          "(seq 512 x batch 4, seq 2048 x batch 1), MFU against one peak measurement")
@@ -290,7 +293,7 @@ def subprocess_variant(a, **changes) -> dict:
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={a.nprocs}"]
     args = [*launcher, os.path.abspath(__file__), "--json"]
     for k, v in vars(a).items():
-        if k in ("vs_hf", "vs_torchtitan", "table", "scaling", "json", "peak_gflops"):
+        if k in ("vs_hf", "vs_torchtitan", "table", "scaling", "json", "peak_gflops", "side_by_side"):
             continue
         flag = "--" + k.replace("_", "-")
         if isinstance(v, bool):
@@ -322,6 +325,10 @@ def main(argv=None) -> int:
     else:
         peak_bf16 = measure_matmul_peak(torch.bfloat16, n=2048)
         peak_fp32 = measure_matmul_peak(torch.float32, n=2048)
+    from kernels.cpu import cpu_info
+
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU " + cpu_info().summary()
+    print(f"device: {dev}; torch {torch.__version__}, {torch.get_num_threads()} threads")
     mcfg = model_config(a)
     pc = mcfg.param_counts()
     print(f"model: {pc['total'] / 1e6:.1f}M params, {mcfg.flops_per_token(a.seq) / 1e6:.1f} MFLOP/token; "
@@ -334,6 +341,10 @@ def main(argv=None) -> int:
         variants.append({"impl": "hf"})
     if a.vs_torchtitan:
         variants.append({"impl": "torchtitan"})
+    if a.side_by_side:  # the trainer's A2D step, the same-work AR step, and the peers' AR step
+        variants = [{"objective": "ar"}, {"objective": "a2d"}, {"impl": "hf", "objective": "ar"}]
+        if a.vs_torchtitan:
+            variants.append({"impl": "torchtitan", "objective": "ar"})
     if a.table:
         variants = [{"objective": o, "ac": ac, "compile": c}
                     for o in ("ar", "a2d") for ac in ("none", "selective") for c in (False, True)]
@@ -353,6 +364,16 @@ def main(argv=None) -> int:
         print(f"{r['impl']:>5} ws{r['nprocs']} ep{r['ep']} h{r['hidden']} s{r['seq']}x{r['batch']} {r['objective']:>4} {r['dtype']:>11} compile={str(r['compile']):5} ac={r['ac']:9} adamw={r['optimizer']:8} "
               f"{r['tokens_per_s']:9,.0f} tok/s  {r['step_ms']:7.1f} ms  {r['tflops'] * 1e3:6.1f} GFLOP/s  "
               f"MFU {r['mfu']:5.1%}  peak RSS {r['peak_rss_gib']:.2f} GiB", flush=True)
+    if a.side_by_side:
+        ours = {r["objective"]: r for r in rows if r["impl"] == "rnd1"}
+        best = max((r for r in rows if r["impl"] != "rnd1"), key=lambda r: r["tokens_per_s"])
+        ceiling = peak_fp32 if ours["ar"]["dtype"] == "fp32" else peak_bf16
+        print(f"same-work AR step vs the faster peer ({best['impl']}): "
+              f"{ours['ar']['tokens_per_s'] / best['tokens_per_s']:.2f}x; "
+              f"{ours['ar']['tflops'] * 1e12 / ceiling:.0%} of the measured matmul peak")
+        print(f"A2D training step vs the faster peer's AR step at equal tokens: "
+              f"{ours['a2d']['tokens_per_s'] / best['tokens_per_s']:.2f}x")
+        return 0
     if len(rows) > 1 and not (a.table or a.scaling):
         for r in rows[1:]:
             print(f"speed-up vs {r['impl']}: {rows[0]['tokens_per_s'] / r['tokens_per_s']:.2f}x, "

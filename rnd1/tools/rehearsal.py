@@ -132,7 +132,7 @@ def plan(config: str | Path, *, data: str | Path, pretrained: dict[str, str | Pa
     ref = {**ov, "job.dump_folder": str(Path(out) / "reference"), "compile.enable": False,
            "parallelism.expert_parallel_degree": 1, "parallelism.data_parallel_shard_degree": -1,
            "parallelism.data_parallel_replicate_degree": 1}
-    bf16 = (nproc > 1 and t.mixed_precision_param == "bfloat16") or t.autocast == "bfloat16" \
+    bf16 = (nproc > 1 and t.mixed_precision_param == "bfloat16") or t.autocast in ("bfloat16", "auto") \
         or cfg.model.dtype == "bfloat16"
     return Rehearsal(config, preset, nproc, ov, ref, rel_tol=3e-2 if bf16 else 2e-3)
 

@@ -188,6 +188,72 @@ def attention_mode_for(obj, tokens_seen: int) -> str:
     return "causal"
 
 
+def resolve_autocast(cfg, device: torch.device) -> tuple[str, str]:
+    """``training.autocast`` as run ("none" | "bfloat16") and why: ``auto`` uses bf16 where the
+    hardware multiplies bf16 matrices (CUDA, or a CPU with bf16 matrix units), fp32 elsewhere."""
+    a = cfg.training.autocast
+    if a != "auto":
+        return a, f"training.autocast={a!r}"
+    if device.type == "cuda":
+        return "bfloat16", "auto: CUDA"
+    from kernels.cpu import cpu_info
+
+    info = cpu_info()
+    if info.bf16_units:
+        return "bfloat16", f"auto: the CPU has bf16 matrix units ({info.bf16_units}; {info.model})"
+    return "none", f"auto: fp32, the CPU has no bf16 matrix units ({info.model})"
+
+
+def autotune_kernels(cfg, mcfg: ModelConfig, batch: "BatchPlan", dims: ParallelDims, env: DistEnv, objective,
+                     dtype: torch.dtype, cache_file: Path) -> list[str]:
+    """``auto`` kernels choose their implementation by measurement (``kernels.autotune``), at this
+    run's shapes: the expert matmul (per-expert loop, ``F.grouped_mm``, Triton on CUDA) and the
+    masked cross-entropy's chunk size. Rank 0 measures (a few milliseconds per candidate, or
+    reads ``cache_file``, keyed by machine and shape) and every rank takes its answer, so all
+    ranks run the same code. Returns the lines to log. Every candidate computes the same
+    function within the tolerance the kernel tests state."""
+    import torch.distributed as dist
+
+    from kernels import grouped_gemm, masked_cross_entropy
+    from kernels.autotune import Autotuner, shared_cache_file
+    from kernels.backend import set_op_impl
+
+    k = cfg.kernels
+    # rows the step really feeds: the two-stream block forward and complementary pairs double them
+    rows = batch.local_batch_size * batch.seq_len
+    rows *= 2 if getattr(objective, "block_size", 0) else 1
+    rows *= 2 if objective.complementary else 1
+    jobs = []
+    if k.grouped_mm == "auto" and mcfg.is_moe:
+        experts = mcfg.num_experts // max(dims.ep, 1)
+        n = rows * mcfg.num_experts_per_tok
+        key = f"rows {n}, experts {experts}, hidden {mcfg.hidden_size}, inter {mcfg.moe_intermediate_size}, {dtype}"
+        jobs.append(("grouped_mm", key, lambda: grouped_gemm.tuning_candidates(
+            n, experts, mcfg.hidden_size, mcfg.moe_intermediate_size, dtype=dtype, device=env.device)))
+    if k.cross_entropy == "auto" and env.device.type == "cpu":  # the Triton kernel tiles by itself
+        n = max(1, rows // 2 if objective.masks else rows)  # diffusion: about half the rows are supervised
+        key = f"rows {n}, hidden {mcfg.hidden_size}, vocab {mcfg.vocab_size}, {dtype}"
+        jobs.append(("cross_entropy", key, lambda: masked_cross_entropy.tuning_candidates(
+            n, mcfg.hidden_size, mcfg.vocab_size, dtype=dtype, device=env.device)))
+    if not jobs:
+        return []
+    answers, lines = [None] * len(jobs), []
+    if env.is_rank0:
+        tuner = Autotuner(cache_file, shared_file=shared_cache_file())
+        for i, (op, key, make) in enumerate(jobs):
+            choice = tuner.choose(op, key, make(), device=env.device.type)
+            answers[i] = choice.chosen
+            lines.append(choice.line())
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(answers, src=0)
+    for (op, _, _), chosen in zip(jobs, answers):
+        if op == "grouped_mm":
+            set_op_impl("grouped_mm", chosen)
+        else:
+            masked_cross_entropy.set_tuned_chunk_tokens(int(chosen))
+    return lines
+
+
 def set_kernel_backends(cfg) -> None:
     """``[kernels]`` -> kernels.backend's per-op settings, read by the model's expert matmul and
     token dispatcher (the loss also gets ``cross_entropy`` passed explicitly). Bad values fail

@@ -1,0 +1,151 @@
+"""Choose between numerically equivalent implementations by timing them, once per machine.
+
+The fastest way to run an op depends on the machine: on one CPU a loop of per-expert matmuls
+beats ``F.grouped_mm``, on another the opposite; a chunk size that suits one cache hierarchy
+thrashes another. A default tuned on the machine the code was written on is wrong somewhere
+else. So an ``auto`` setting measures its candidates at the run's real shapes for a few
+milliseconds each, picks the fastest, says so in one line, and remembers the answer in the run
+folder (keyed by machine and shape) so a resumed run does not measure again, and in a
+machine-wide cache so every run on the machine makes the same choice.
+
+Only candidates that compute the same function (within the tolerance the tests state) may
+compete: the choice changes speed, never what is computed.
+
+Timing: each candidate runs once to warm up (kernels are built per shape on CPU), then the
+candidates are timed round-robin, so a background load slows them alike, until each has used
+``budget_ms`` or run ``max_reps`` times; the median decides.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+
+@dataclass
+class Choice:
+    op: str
+    key: str
+    chosen: str
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    cached: bool = False
+
+    def line(self) -> str:
+        """The one line a run logs for this choice."""
+        if not self.timings_ms:
+            return f"autotune {self.op} [{self.key}]: {self.chosen} (the only candidate)"
+        times = ", ".join(f"{k} {v:.3g} ms" for k, v in self.timings_ms.items())
+        how = "cached" if self.cached else "measured"
+        return f"autotune {self.op} [{self.key}]: {self.chosen} ({how}: {times})"
+
+
+def machine_key() -> str:
+    """What makes timings comparable: the device, its threads and the torch build."""
+    if torch.cuda.is_available():
+        dev = torch.cuda.get_device_name()
+    else:
+        from kernels.cpu import cpu_info
+
+        dev = cpu_info().model
+    return f"{dev} | {torch.get_num_threads()} threads | torch {torch.__version__}"
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(candidates: dict[str, Callable[[], object]], *, budget_ms: float = 20.0, max_reps: int = 50,
+            device: str = "cpu") -> dict[str, float]:
+    """Median milliseconds per call of each candidate (warm-up first, then round-robin)."""
+    for fn in candidates.values():
+        fn()
+    _sync(device)
+    samples: dict[str, list[float]] = {k: [] for k in candidates}
+    spent = {k: 0.0 for k in candidates}
+    while any(spent[k] < budget_ms and len(samples[k]) < max_reps for k in candidates) or \
+            any(len(s) < 3 for s in samples.values()):
+        for k, fn in candidates.items():
+            if len(samples[k]) >= 3 and (spent[k] >= budget_ms or len(samples[k]) >= max_reps):
+                continue
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            ms = (time.perf_counter() - t0) * 1e3
+            samples[k].append(ms)
+            spent[k] += ms
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def shared_cache_file() -> Path:
+    """The machine-wide cache (``RND1_AUTOTUNE_CACHE``, else ~/.cache/rnd1/autotune.json): runs on
+    one machine at one shape make one choice, so two runs compare bit for bit even where the
+    candidates differ in the last bits (the cross-entropy's chunk size changes summation order)."""
+    env = os.environ.get("RND1_AUTOTUNE_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "rnd1" / "autotune.json"
+
+
+def _read(path: Path | None) -> dict:
+    if not path or not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}  # a damaged cache only costs a new measurement
+    return data if isinstance(data, dict) else {}
+
+
+class Autotuner:
+    """Choices for one run: read from ``cache_file`` (the run folder's, so a resume keeps them),
+    else from ``shared_file`` (the machine's), else measured and written to both."""
+
+    def __init__(self, cache_file: str | Path | None = None, *, shared_file: str | Path | None = None,
+                 budget_ms: float = 20.0):
+        self.cache_file = Path(cache_file) if cache_file else None
+        self.shared_file = Path(shared_file) if shared_file else None
+        self.budget_ms = budget_ms
+        self.machine = machine_key()
+        self._cache = _read(self.cache_file)
+        self._shared = _read(self.shared_file)
+
+    def choose(self, op: str, key: str, candidates: dict[str, Callable[[], object]], *,
+               device: str = "cpu") -> Choice:
+        if len(candidates) == 1:
+            (only,) = candidates
+            return Choice(op, key, only, {})
+        name = f"{op}|{key}"
+        for store in (self._cache, self._shared):
+            entry = store.get(self.machine, {}).get(name)
+            if isinstance(entry, dict) and entry.get("chosen") in candidates:
+                if store is self._shared:  # the run folder records what this run uses
+                    self._cache.setdefault(self.machine, {})[name] = entry
+                    _write(self.cache_file, self._cache, required=True)
+                return Choice(op, key, entry["chosen"], entry.get("ms", {}), cached=True)
+        ms = measure(candidates, budget_ms=self.budget_ms, device=device)
+        chosen = min(ms, key=ms.get)
+        for store, path, required in ((self._cache, self.cache_file, True), (self._shared, self.shared_file, False)):
+            store.setdefault(self.machine, {})[name] = {"chosen": chosen, "ms": ms}
+            _write(path, store, required)
+        return Choice(op, key, chosen, ms)
+
+
+def _write(path: Path | None, data: dict, required: bool) -> None:
+    """Atomically (a reader never sees half a file). An unwritable shared cache (a read-only home)
+    is skipped: it only saves future measurements; the run folder's must be written."""
+    if not path:
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError:
+        if required:
+            raise

@@ -1,0 +1,39 @@
+"""At start-up a run says which precision it chose and why (bf16 only where the hardware has bf16
+matrix units), measures its ``auto`` kernels at its own shapes, logs each choice in one line and
+records it in the run folder; a resumed run reuses the record instead of measuring again."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from kernels.cpu import cpu_info
+from rnd1.tools import rehearsal
+
+pytestmark = [pytest.mark.multiprocess]
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_precision_and_kernel_choices_are_measured_said_and_kept(tmp_path, byte_dataset, monkeypatch):
+    monkeypatch.setenv("RND1_AUTOTUNE_CACHE", str(tmp_path / "machine.json"))
+    run = tmp_path / "run"
+    ov = {"job.dump_folder": str(run), "job.print_config": False, "training.steps": 2, "training.seq_len": 256,
+          "training.local_batch_size": 2, "training.autocast": "auto", "data.datasets": f'["{byte_dataset}"]',
+          "data.prepare": "", "eval.interval": 0, "checkpoint.interval": 2}
+    got = rehearsal.run(REPO / "train_configs" / "debug_model.toml", 1, ov)
+    assert got.returncode == 0, got.output[-3000:]
+    units = cpu_info().bf16_units
+    want = f"precision: bf16 autocast (auto: the CPU has bf16 matrix units ({units}" if units else \
+        "precision: fp32 (auto: fp32, the CPU has no bf16 matrix units"
+    assert want in got.output
+    lines = [x for x in got.output.splitlines() if "autotune " in x]
+    assert any("autotune grouped_mm [rows 1024, experts 8" in x and "(measured: grouped" in x for x in lines), lines
+    assert any("autotune cross_entropy [rows 256," in x for x in lines), lines
+    record = json.loads((run / "autotune.json").read_text())
+    (entries,) = record.values()
+    assert {k.split("|")[0] for k in entries} == {"grouped_mm", "cross_entropy"}
+    # the resumed run (same folder) takes the recorded choices
+    again = rehearsal.run(REPO / "train_configs" / "debug_model.toml", 1, {**ov, "training.steps": 3})
+    assert again.returncode == 0, again.output[-3000:]
+    assert sum("(cached:" in x for x in again.output.splitlines() if "autotune " in x) == 2
