@@ -197,6 +197,19 @@ def max_over_ranks(x: float) -> float:
     return float(t)
 
 
+def autotune(a, mcfg) -> list[str]:
+    """The trainer's start-up measurement of its ``auto`` kernels (rnd1.training.build), at this
+    bench's shapes, sharing the machine-wide cache: the bench times what a run would run."""
+    from types import SimpleNamespace as NS
+
+    from rnd1.training.build import autotune_kernels
+
+    cfg = NS(kernels=NS(grouped_mm=a.grouped_mm, cross_entropy="auto"))
+    dtype = torch.float32 if a.dtype == "fp32" else torch.bfloat16
+    return autotune_kernels(cfg, mcfg, NS(local_batch_size=a.batch, seq_len=a.seq), NS(ep=1),
+                            NS(device=torch.device("cpu"), is_rank0=True), get_objective(a.objective), dtype, None)
+
+
 def run_variant(a) -> dict:
     if a.malloc == "keep":
         from rnd1.training.cpu_malloc import keep_freed_memory
@@ -221,9 +234,12 @@ def run_variant(a) -> dict:
 
             step = torchtitan_step_fn(a, model, mcfg)
         else:
+            tuned = autotune(a, mcfg)
             step = rnd1_step_fn(a, model, mcfg)
         del model
         res = time_steps(step, a, mcfg)
+        if a.impl == "rnd1":
+            res["autotune"] = tuned
     res.update({k: getattr(a, k) for k in ("hidden", "moe_inter", "heads", "kv_heads", "seq", "batch", "impl",
                                            "objective", "dtype", "compile", "ac", "grouped_mm", "malloc", "nprocs")})
     res["ep"] = a.ep if a.nprocs > 1 else 1
@@ -361,6 +377,8 @@ def main(argv=None) -> int:
         peak = peak_fp32 if r["dtype"] == "fp32" else peak_bf16
         r["mfu"] = r["tflops"] * 1e12 / peak
         rows.append(r)
+        for line in r.get("autotune", []):
+            print(f"      {line}")
         print(f"{r['impl']:>5} ws{r['nprocs']} ep{r['ep']} h{r['hidden']} s{r['seq']}x{r['batch']} {r['objective']:>4} {r['dtype']:>11} compile={str(r['compile']):5} ac={r['ac']:9} adamw={r['optimizer']:8} "
               f"{r['tokens_per_s']:9,.0f} tok/s  {r['step_ms']:7.1f} ms  {r['tflops'] * 1e3:6.1f} GFLOP/s  "
               f"MFU {r['mfu']:5.1%}  peak RSS {r['peak_rss_gib']:.2f} GiB", flush=True)

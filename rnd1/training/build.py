@@ -205,7 +205,7 @@ def resolve_autocast(cfg, device: torch.device) -> tuple[str, str]:
 
 
 def autotune_kernels(cfg, mcfg: ModelConfig, batch: "BatchPlan", dims: ParallelDims, env: DistEnv, objective,
-                     dtype: torch.dtype, cache_file: Path) -> list[str]:
+                     dtype: torch.dtype, cache_file: Path | None) -> list[str]:
     """``auto`` kernels choose their implementation by measurement (``kernels.autotune``), at this
     run's shapes: the expert matmul (per-expert loop, ``F.grouped_mm``, Triton on CUDA) and the
     masked cross-entropy's chunk size. Rank 0 measures (a few milliseconds per candidate, or
