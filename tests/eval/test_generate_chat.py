@@ -1,0 +1,56 @@
+"""scripts/generate.py --chat: a question goes through the Qwen3 chat template (generation prompt,
+thinking off) and the answer is printed; block models need their block size."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from rnd1.checkpoint.hf import save_pretrained
+from rnd1.data.chat import encode_chat_prompt
+from rnd1.data.tokenizer import load_tokenizer
+from rnd1.model.config import get_preset
+from rnd1.model.qwen3 import build_model
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("generate_script", REPO / "scripts" / "generate.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    out = tmp_path_factory.mktemp("hf")
+    save_pretrained(build_model(get_preset("debug"), seed=0), out, overwrite=True)
+    return out
+
+
+def test_chat_goes_through_the_template(folder, capsys, monkeypatch):
+    gen = _script()
+    seen = {}
+    real = gen.diffusion_generate
+
+    def spy(model, prompts, **kw):
+        seen["prompts"], seen["eos"] = prompts, kw["eos_id"]
+        return real(model, prompts, **kw)
+
+    monkeypatch.setattr(gen, "diffusion_generate", spy)
+    rc = gen.main(["--checkpoint", str(folder), "--chat", "What is 2 + 2?", "--gen-length", "8", "--steps", "8"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    tok = load_tokenizer("byte")
+    assert seen["prompts"] == [encode_chat_prompt([{"role": "user", "content": "What is 2 + 2?"}], tok)]
+    assert "Q: What is 2 + 2?" in out and "\nA: " in out and "NFE" in out
+
+
+def test_block_models_need_their_block_size(folder, capsys):
+    gen = _script()
+    assert gen.main(["--checkpoint", str(folder), "--objective", "block_a2d", "--prompt", "ab"]) == 2
+    err = capsys.readouterr().err
+    assert "needs its block size" in err and err.count("\n") == 1
+    assert gen.main(["--checkpoint", str(folder), "--objective", "block_a2d", "--block-size", "4", "--prompt", "ab",
+                     "--gen-length", "8", "--steps", "8"]) == 0
