@@ -170,7 +170,7 @@ class Training:
     mixed_precision_param: Literal["float32", "bfloat16"] = _f(
         "bfloat16", "FSDP2 compute dtype of parameters (multi-process runs)")
     autocast: Literal["none", "bfloat16", "auto"] = _f(
-        "none", "torch.autocast dtype for forward/backward; auto: bfloat16 on CUDA and on a CPU with bf16 matrix "
+        "auto", "torch.autocast dtype for forward/backward; auto: bfloat16 on CUDA and on a CPU with bf16 matrix "
                 "units (AMX-BF16, AVX512-BF16, Arm BF16), none elsewhere (bf16 is emulated there, far slower than "
                 "fp32); the start-up log says which units it found")
     document_masking: bool = _f(False, "attend only within each packed document")
