@@ -20,8 +20,6 @@ negative ELBO, an upper bound on the NLL per token.
 
 from __future__ import annotations
 
-import torch
-
 from rnd1.diffusion.objective import Objective
 
 
@@ -30,8 +28,3 @@ class A2D(Objective):
     masks = True
     shift = 1
     attention = "bidirectional"
-
-    def protected(self, length: int) -> torch.Tensor:
-        p = torch.zeros(length, dtype=torch.bool)
-        p[0] = True
-        return p

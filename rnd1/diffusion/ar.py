@@ -19,11 +19,6 @@ class AR(Objective):
     shift = 1
     attention = "causal"
 
-    def protected(self, length: int) -> torch.Tensor:
-        p = torch.zeros(length, dtype=torch.bool)
-        p[0] = True  # no output predicts position 0
-        return p
-
     def corrupt(self, x0: torch.Tensor, mask_id: int, *, loss_mask: torch.Tensor | None = None,
                 **_) -> Corruption:
         """Nothing is masked; t = 1 (a weight of 1). Every position but the first is supervised

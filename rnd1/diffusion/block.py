@@ -118,6 +118,15 @@ class BlockDiffusion(Objective):
                 "positions": torch.cat([pos, pos]).expand(B, 2 * L),
                 "attn_mask": two_stream_mask(L, self.block_size, doc_ids, device=x0.device)}
 
+    def _predicting_output(self, length: int, device=None) -> torch.Tensor:
+        """[L] index into the 2L outputs of the one that predicts each position: the noisy output
+        j - shift when it lies in j's block, else (a block start, A2D) the clean output L + j - shift.
+        Negative for the first ``shift`` positions, which no output predicts."""
+        src = torch.arange(length, device=device) - self.shift
+        blk = block_ids(length, self.block_size, device)
+        inner = (src >= 0) & (blk[src.clamp_min(0)] == blk)
+        return torch.where(inner | (src < 0), src, length + src)
+
     # ----------------------------------------------------------------- supervision
     def targets(self, x0: torch.Tensor, c: Corruption) -> Targets:
         """On the grid of outputs: [B, L] with one block, [B, 2L] (noisy, then clean) otherwise."""
@@ -130,16 +139,12 @@ class BlockDiffusion(Objective):
         select = torch.zeros(B, 2 * L, dtype=torch.bool, device=x0.device)
         targets = torch.zeros(B, 2 * L, dtype=x0.dtype, device=x0.device)
         weights = torch.zeros(B, 2 * L, dtype=torch.float32, device=x0.device)
-        # noisy output i predicts position j = i + s when j is in i's block
-        j = torch.arange(L, device=x0.device)
-        src = j - s  # the noisy output that would predict position j
-        blk = block_ids(L, self.block_size, x0.device)
-        inner = (src >= 0) & (blk[src.clamp_min(0)] == blk)
-        out = torch.where(inner, src, L + src)  # else the clean output j - s (a block start, A2D)
-        ok = src >= 0
-        select[:, out[ok]] = pos[:, ok]
-        targets[:, out[ok]] = x0[:, ok]
-        weights[:, out[ok]] = w[:, ok]
+        out = self._predicting_output(L, x0.device)
+        ok = torch.arange(L, device=x0.device) >= s  # positions some output predicts
+        out = out[ok]
+        select[:, out] = pos[:, ok]
+        targets[:, out] = x0[:, ok]
+        weights[:, out] = w[:, ok]
         return Targets(select, targets, torch.where(select, weights, 0.0))
 
     # ----------------------------------------------------------------- reading predictions
@@ -149,26 +154,15 @@ class BlockDiffusion(Objective):
         L = outputs.shape[1] if length is None else length
         if outputs.shape[1] != 2 * L:
             return super().predictions(outputs)
-        s = self.shift
-        j = torch.arange(L, device=outputs.device)
-        src = j - s
-        blk = block_ids(L, self.block_size, outputs.device)
-        inner = (src >= 0) & (blk[src.clamp_min(0)] == blk)
-        out = torch.where(inner, src, L + src).clamp_min(0)
-        pred = outputs[:, out]
-        if s:
-            pred[:, :s] = float("nan")
+        pred = outputs[:, self._predicting_output(L, outputs.device).clamp_min(0)]
+        if self.shift:
+            pred[:, :self.shift] = float("nan")
         return pred
 
 
 class BlockA2D(BlockDiffusion):
     name = "block_a2d"
     shift = 1
-
-    def protected(self, length: int) -> torch.Tensor:
-        p = torch.zeros(length, dtype=torch.bool)
-        p[0] = True
-        return p
 
 
 class BlockMDLM(BlockDiffusion):

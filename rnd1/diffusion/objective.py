@@ -74,8 +74,9 @@ class Objective:
 
     # ----------------------------------------------------------------- 1. corruption
     def protected(self, length: int) -> torch.Tensor:
-        """[L] bool: positions this objective never masks."""
-        return torch.zeros(length, dtype=torch.bool)
+        """[L] bool: positions this objective never masks: the first ``shift`` ones, which no
+        output predicts (a2d, ar: position 0)."""
+        return torch.arange(length) < self.shift
 
     def maskable(self, x0: torch.Tensor, loss_mask: torch.Tensor | None = None) -> torch.Tensor:
         """[B, L] bool: positions the objective may mask and scores: not ``protected``, and inside
