@@ -47,13 +47,14 @@ class Choice:
 
 
 def machine_key() -> str:
-    """What makes timings comparable: the device, its threads and the torch build."""
+    """What makes timings comparable: the device (with any instruction limit set in the
+    environment), its threads and the torch build."""
     if torch.cuda.is_available():
         dev = torch.cuda.get_device_name()
     else:
         from kernels.cpu import cpu_info
 
-        dev = cpu_info().model
+        dev = cpu_info().key()
     return f"{dev} | {torch.get_num_threads()} threads | torch {torch.__version__}"
 
 

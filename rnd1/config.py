@@ -141,8 +141,9 @@ class Optimizer:
     beta1: float = _f(0.9, "Adam beta1", _unit_closed)
     beta2: float = _f(0.95, "Adam beta2", _unit_closed)
     eps: float = _f(1e-8, "Adam epsilon", _pos)
-    implementation: Literal["foreach", "fused", "for-loop"] = _f(
-        "fused", "AdamW kernel: fused (one pass per tensor; the fastest on CPU, docs/performance.md), foreach, for-loop")
+    implementation: Literal["auto", "fused", "foreach", "for-loop"] = _f(
+        "auto", "AdamW kernel: auto (fused or foreach, whichever steps this run's parameters faster on this "
+                "machine, measured at start-up and logged), fused (one pass per tensor), foreach, for-loop")
 
 
 @dataclass

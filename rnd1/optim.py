@@ -17,6 +17,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from typing import Callable
+
 import torch
 
 GROUP_NAMES = ("attention", "non_attention", "mask_embedding")
@@ -79,14 +81,85 @@ def param_groups(model: torch.nn.Module, *, attention: GroupSpec, non_attention:
     return groups
 
 
+ADAMW_IMPLEMENTATIONS = ("fused", "foreach", "for-loop")
+
+
 def build_optimizer(model, *, attention: GroupSpec, non_attention: GroupSpec,
                     mask_embedding: GroupSpec | None = None, betas=(0.9, 0.95), eps: float = 1e-8,
                     implementation: str = "fused") -> torch.optim.AdamW:
-    kw = {"foreach": implementation == "foreach", "fused": implementation == "fused"}
-    if implementation not in ("foreach", "fused", "for-loop"):
-        raise ValueError(f"optimizer.implementation {implementation!r}: expected foreach, fused or for-loop")
+    """AdamW over ``param_groups``. ``implementation="auto"`` starts as ``foreach`` (which every
+    device runs) until the trainer has measured the candidates (``adamw_tuning_candidates``) and
+    switched to the faster with ``set_adamw_implementation``, before the first step."""
+    if implementation not in (*ADAMW_IMPLEMENTATIONS, "auto"):
+        raise ValueError(f"optimizer.implementation {implementation!r}: expected auto, fused, foreach or for-loop")
+    start = "foreach" if implementation == "auto" else implementation
     groups = param_groups(model, attention=attention, non_attention=non_attention, mask_embedding=mask_embedding)
-    return torch.optim.AdamW(groups, betas=betas, eps=eps, **kw)
+    return torch.optim.AdamW(groups, betas=betas, eps=eps, foreach=start == "foreach", fused=start == "fused")
+
+
+def set_adamw_implementation(optimizer: torch.optim.AdamW, implementation: str) -> None:
+    """Switch AdamW's kernel in place. The trainer calls it after a resume too: the saved param
+    groups carry the flags of the run that wrote them, and the config (or this machine's
+    measurement) decides, not the checkpoint. The three kernels keep the same state; only the step
+    counter's home differs (the fused kernel reads it on the parameter's device, the others on the
+    CPU, as ``torch.optim.AdamW`` lays it out when it creates the state)."""
+    if implementation not in ADAMW_IMPLEMENTATIONS:
+        raise ValueError(f"optimizer.implementation {implementation!r}: expected one of {ADAMW_IMPLEMENTATIONS}")
+    fused = implementation == "fused"
+    if fused:
+        bad = {p.device.type for g in optimizer.param_groups for p in g["params"]} - set(_fused_devices())
+        if bad:
+            raise ValueError(f"optimizer.implementation 'fused': no fused AdamW on {sorted(bad)}; use foreach")
+        optimizer._step_supports_amp_scaling = True
+    for group in optimizer.param_groups:
+        group["fused"], group["foreach"] = fused, implementation == "foreach"
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            if "step" in state:
+                home = p.device if fused or group.get("capturable") else torch.device("cpu")
+                state["step"] = state["step"].to(device=home, dtype=torch.float32)
+
+
+def adamw_tuning_candidates(params, *, max_elements: int = 1 << 23) -> tuple[str, Callable[[], dict]]:
+    """(shape key, a function making {implementation: one step}) for ``kernels.autotune``, the
+    copies made only when the key is not in the cache and only by the rank that measures: AdamW steps over copies
+    of this rank's parameters (local shards), with made-up gradients, so measuring never touches
+    the model. Up to ``max_elements`` are copied, in parameter order (all of them for a model up
+    to 8M parameters per rank); what the step costs depends on the tensors' count and sizes, so
+    the key names both. The kernels compute the same update (tests/test_optim.py)."""
+    sample, n, total = [], 0, 0
+    for p in params:
+        local = p.to_local() if hasattr(p, "to_local") else p
+        total += 1
+        if n + local.numel() <= max_elements or not sample:
+            sample.append(local.detach())
+            n += local.numel()
+    if not sample:
+        raise ValueError("adamw_tuning_candidates: no parameters")
+    dtype, device = sample[0].dtype, sample[0].device
+
+    def make() -> dict:
+        candidates = {}
+        for impl in ADAMW_IMPLEMENTATIONS[:2]:
+            if impl == "fused" and device.type not in _fused_devices():
+                continue
+            copies = [torch.nn.Parameter(t.clone()) for t in sample]
+            g = torch.Generator(device=device).manual_seed(0)
+            for c in copies:
+                c.grad = torch.randn(c.shape, generator=g, device=device, dtype=c.dtype) * 1e-3
+            opt = torch.optim.AdamW(copies, lr=1e-4, weight_decay=0.1, foreach=impl == "foreach",
+                                    fused=impl == "fused")
+            candidates[impl] = opt.step
+        return candidates
+
+    part = "" if len(sample) == total else f" (of {total})"
+    return f"{len(sample)} tensors{part}, {n} elements, {dtype}", make
+
+
+def _fused_devices() -> list:
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    return _get_fused_kernels_supported_devices()
 
 
 def scale_lr(eta0: float, batch_tokens: int, base_batch_tokens: int) -> float:

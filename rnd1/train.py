@@ -91,7 +91,7 @@ class Trainer:
         self.metrics = MetricsLogger(self.run_dir, enabled=env.is_rank0, tensorboard=cfg.metrics.enable_tensorboard,
                                      save_jsonl=cfg.metrics.save_jsonl)
         for line in B.autotune_kernels(cfg, self.model_cfg, self.batch, self.parallel, env, self.objective,
-                                       self._compute_dtype, self.run_dir / "autotune.json"):
+                                       self._compute_dtype, self.run_dir / "autotune.json", optimizer=self.optimizer):
             log0(env, line)
 
     @property

@@ -91,7 +91,8 @@ def build_rnd1(a, mcfg):
 
 
 def adamw(params, implementation: str) -> torch.optim.AdamW:
-    return torch.optim.AdamW(list(params), lr=1e-4, foreach=implementation == "foreach",
+    """``auto`` starts as foreach; ``autotune`` then measures and switches, as the trainer does."""
+    return torch.optim.AdamW(list(params), lr=1e-4, foreach=implementation in ("foreach", "auto"),
                              fused=implementation == "fused")
 
 
@@ -121,6 +122,7 @@ def rnd1_step_fn(a, model, mcfg, dims=None):
         opt.zero_grad(set_to_none=True)
         return out.loss
 
+    step.optimizer = opt  # for ``autotune`` (optimizer.implementation = auto)
     return step
 
 
@@ -179,9 +181,12 @@ def profile_variant(a) -> None:
     """torch.profiler over the timed steps of this project's step; prints the top ops by self time."""
     from torch.profiler import ProfilerActivity, profile
 
+    apply_malloc(a)
     torch.manual_seed(0)
     mcfg = model_config(a)
     step = rnd1_step_fn(a, build_rnd1(a, mcfg), mcfg)
+    for line in autotune(a, mcfg, step.optimizer):
+        print(line)
     batches = make_batches(a)
     for x in batches[:a.warmup]:
         step(x)
@@ -197,30 +202,39 @@ def max_over_ranks(x: float) -> float:
     return float(t)
 
 
-def autotune(a, mcfg) -> list[str]:
+def autotune(a, mcfg, optimizer, env=None, ep: int = 1) -> list[str]:
     """The trainer's start-up measurement of its ``auto`` kernels (rnd1.training.build), at this
     bench's shapes, sharing the machine-wide cache: the bench times what a run would run."""
     from types import SimpleNamespace as NS
 
     from rnd1.training.build import autotune_kernels
 
-    cfg = NS(kernels=NS(grouped_mm=a.grouped_mm, cross_entropy="auto"))
+    cfg = NS(kernels=NS(grouped_mm=a.grouped_mm, cross_entropy="auto"), optimizer=NS(implementation=a.optimizer))
     dtype = torch.float32 if a.dtype == "fp32" else torch.bfloat16
-    return autotune_kernels(cfg, mcfg, NS(local_batch_size=a.batch, seq_len=a.seq), NS(ep=1),
-                            NS(device=torch.device("cpu"), is_rank0=True), get_objective(a.objective), dtype, None)
+    env = env or NS(device=torch.device("cpu"), is_rank0=True)
+    return autotune_kernels(cfg, mcfg, NS(local_batch_size=a.batch, seq_len=a.seq), NS(ep=ep), env,
+                            get_objective(a.objective), dtype, None, optimizer=optimizer)
 
 
-def run_variant(a) -> dict:
+def apply_malloc(a) -> None:
+    """--malloc keep: the trainer's CPU allocator setting, applied to every variant alike."""
     if a.malloc == "keep":
         from rnd1.training.cpu_malloc import keep_freed_memory
 
         if not keep_freed_memory():
             raise RuntimeError("--malloc keep: glibc mallopt unavailable on this platform")
+
+
+def run_variant(a) -> dict:
+    apply_malloc(a)
     torch.manual_seed(0)
     mcfg = model_config(a)
     if a.nprocs > 1:
         model, dims, env = build_rnd1_distributed(a, mcfg)
-        res = time_steps(rnd1_step_fn(a, model, mcfg, dims), a, mcfg, world=env.world_size, rank=env.rank)
+        step = rnd1_step_fn(a, model, mcfg, dims)
+        tuned = autotune(a, mcfg, step.optimizer, env=env, ep=a.ep)
+        res = time_steps(step, a, mcfg, world=env.world_size, rank=env.rank)
+        res["autotune"] = tuned
         res["peak_rss_gib"] = max_over_ranks(res["peak_rss_gib"])
         if env.rank:
             return {}
@@ -234,8 +248,8 @@ def run_variant(a) -> dict:
 
             step = torchtitan_step_fn(a, model, mcfg)
         else:
-            tuned = autotune(a, mcfg)
             step = rnd1_step_fn(a, model, mcfg)
+            tuned = autotune(a, mcfg, step.optimizer)
         del model
         res = time_steps(step, a, mcfg)
         if a.impl == "rnd1":
@@ -243,7 +257,11 @@ def run_variant(a) -> dict:
     res.update({k: getattr(a, k) for k in ("hidden", "moe_inter", "heads", "kv_heads", "seq", "batch", "impl",
                                            "objective", "dtype", "compile", "ac", "grouped_mm", "malloc", "nprocs")})
     res["ep"] = a.ep if a.nprocs > 1 else 1
-    res["optimizer"] = a.optimizer if a.impl == "rnd1" else a.peer_optimizer
+    res["optimizer"] = a.peer_optimizer
+    if a.impl == "rnd1":
+        g = step.optimizer.param_groups[0]
+        ran = "fused" if g["fused"] else "foreach" if g["foreach"] else "for-loop"
+        res["optimizer"] = f"auto:{ran}" if a.optimizer == "auto" else ran
     return res
 
 
@@ -267,10 +285,11 @@ def parse(argv=None):
     ap.add_argument("--ac", choices=["none", "full", "selective"], default="none")
     ap.add_argument("--grouped-mm", default="auto", choices=["auto", "reference", "triton"],
                     help="expert matmul backend (kernels/backend.py)")
-    ap.add_argument("--optimizer", choices=["fused", "foreach", "for-loop"], default="fused",
-                    help="this project's AdamW kernel (the trainer's default: fused)")
-    ap.add_argument("--peer-optimizer", choices=["fused", "foreach", "for-loop"], default="foreach",
-                    help="AdamW kernel of the peers")
+    ap.add_argument("--optimizer", choices=["auto", "fused", "foreach", "for-loop"], default="auto",
+                    help="this project's AdamW kernel (the trainer's default: auto, measured at start-up)")
+    ap.add_argument("--peer-optimizer", choices=["fused", "foreach", "for-loop"], default="fused",
+                    help="AdamW kernel of the peers (default fused: their fastest on CPU, so the comparison is "
+                         "with their best; foreach is torch's own default)")
     ap.add_argument("--malloc", choices=["keep", "default"], default="keep",
                     help="keep: glibc keeps freed memory (the trainer's CPU default, rnd1/training/cpu_malloc.py), "
                          "applied to every implementation alike; default: glibc as configured")
@@ -295,6 +314,9 @@ def parse(argv=None):
     ap.add_argument("--peak-gflops", type=float, default=0.0, metavar="G",
                     help="matmul peak (GFLOP/s, both dtypes) for MFU instead of measuring one; tests use it, "
                          "since a bf16 peak on a CPU without bf16 units takes a minute to measure")
+    ap.add_argument("--isa", choices=["native", "avx2"], default="native",
+                    help="avx2: run everything (peak, autotune, every variant) with ATen, MKL and oneDNN limited "
+                         "to AVX2 (kernels/cpu.py ISA_CAP_VARIABLES): an AVX2-only CPU emulated on a newer one")
     ap.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
@@ -324,8 +346,24 @@ def subprocess_variant(a, **changes) -> dict:
     return json.loads([line for line in out.stdout.splitlines() if line.startswith('{"tokens_per_s"')][-1])
 
 
+def limit_to_avx2(argv) -> None:
+    """Re-run this command with the libraries limited to AVX2 (the variables are read when the
+    libraries start, so this process, which already imported torch, cannot change itself)."""
+    from kernels.cpu import ISA_CAP_VARIABLES
+
+    wanted = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    assert set(wanted) == set(ISA_CAP_VARIABLES)
+    if all(os.environ.get(k) == v for k, v in wanted.items()):
+        return
+    os.environ.update(wanted)
+    sys.stdout.flush()
+    os.execv(sys.executable, [sys.executable, os.path.abspath(__file__), *argv])
+
+
 def main(argv=None) -> int:
     a = parse(argv)
+    if a.isa == "avx2":
+        limit_to_avx2(sys.argv[1:] if argv is None else list(argv))
     if a.json:
         res = run_variant(a)
         if res:
@@ -379,7 +417,7 @@ def main(argv=None) -> int:
         rows.append(r)
         for line in r.get("autotune", []):
             print(f"      {line}")
-        print(f"{r['impl']:>5} ws{r['nprocs']} ep{r['ep']} h{r['hidden']} s{r['seq']}x{r['batch']} {r['objective']:>4} {r['dtype']:>11} compile={str(r['compile']):5} ac={r['ac']:9} adamw={r['optimizer']:8} "
+        print(f"{r['impl']:>5} ws{r['nprocs']} ep{r['ep']} h{r['hidden']} s{r['seq']}x{r['batch']} {r['objective']:>4} {r['dtype']:>11} compile={str(r['compile']):5} ac={r['ac']:9} adamw={r['optimizer']:12} "
               f"{r['tokens_per_s']:9,.0f} tok/s  {r['step_ms']:7.1f} ms  {r['tflops'] * 1e3:6.1f} GFLOP/s  "
               f"MFU {r['mfu']:5.1%}  peak RSS {r['peak_rss_gib']:.2f} GiB", flush=True)
     if a.side_by_side:

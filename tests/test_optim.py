@@ -85,3 +85,48 @@ def test_fused_default_matches_foreach_with_two_learning_rates():
     init = build_model(get_preset("debug"), seed=0)
     moved = sum(not torch.equal(a, b) for a, b in zip(models[0].parameters(), init.parameters()))
     assert moved == len(list(init.parameters()))  # every parameter was updated
+
+
+def test_switching_the_adamw_kernel_mid_run_continues_the_same_update():
+    """``set_adamw_implementation`` (the ``auto`` choice, or a config over a resumed checkpoint's
+    flags) after steps were taken: the switched optimizer keeps updating exactly like one that
+    used the new kernel from the start, and the step counter lives where that kernel reads it."""
+    from rnd1.optim import set_adamw_implementation
+
+    models = [build_model(get_preset("debug"), seed=0) for _ in range(2)]
+    switched, fused = [build_optimizer(m, attention=GroupSpec(1e-2, 0.1), non_attention=GroupSpec(3e-3, 0.0),
+                                       implementation=impl) for m, impl in zip(models, ("auto", "fused"))]
+    assert switched.defaults["foreach"] and not switched.defaults["fused"]  # auto starts as foreach
+    x = torch.randint(0, 500, (2, 16))
+    for step in range(4):
+        if step == 2:
+            set_adamw_implementation(switched, "fused")
+        for m, opt in zip(models, (switched, fused)):
+            m(x).float().pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+    assert all(g["fused"] and not g["foreach"] for g in switched.param_groups)
+    assert all(s["step"].dtype == torch.float32 and float(s["step"]) == 4 for s in switched.state.values())
+    for (n, a), b in zip(models[0].named_parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"{n}: {m}")
+    with pytest.raises(ValueError, match="expected one of"):
+        set_adamw_implementation(switched, "fast")
+
+
+def test_adamw_candidates_step_copies_and_name_what_they_measure():
+    """The start-up measurement steps copies (the model is untouched) of at most
+    ``max_elements``, and its key says how much of the model it covered."""
+    from rnd1.optim import adamw_tuning_candidates
+
+    model = build_model(get_preset("debug"), seed=0)
+    params = list(model.parameters())
+    before = [p.detach().clone() for p in params]
+    key, make = adamw_tuning_candidates(params)
+    assert key.startswith(f"{len(params)} tensors, {sum(p.numel() for p in params)} elements, torch.float32")
+    candidates = make()
+    assert set(candidates) == {"fused", "foreach"}
+    for step in candidates.values():
+        step()
+    assert all(torch.equal(a, b) for a, b in zip(params, before))
+    small, _ = adamw_tuning_candidates(params, max_elements=params[1].numel() + 1)
+    assert small.startswith("1 tensors (of") or "(of" in small

@@ -201,17 +201,21 @@ def resolve_autocast(cfg, device: torch.device) -> tuple[str, str]:
     info = cpu_info()
     if info.bf16_units:
         return "bfloat16", f"auto: the CPU has bf16 matrix units ({info.bf16_units}; {info.model})"
+    if info.isa_caps and (info.flags & {"amx_bf16", "avx512_bf16"}):
+        return "none", f"auto: fp32, the CPU's bf16 matrix units are turned off by {' '.join(info.isa_caps)} ({info.model})"
     return "none", f"auto: fp32, the CPU has no bf16 matrix units ({info.model})"
 
 
 def autotune_kernels(cfg, mcfg: ModelConfig, batch: "BatchPlan", dims: ParallelDims, env: DistEnv, objective,
-                     dtype: torch.dtype, cache_file: Path | None) -> list[str]:
+                     dtype: torch.dtype, cache_file: Path | None, optimizer=None) -> list[str]:
     """``auto`` kernels choose their implementation by measurement (``kernels.autotune``), at this
-    run's shapes: the expert matmul (per-expert loop, ``F.grouped_mm``, Triton on CUDA) and the
-    masked cross-entropy's chunk size. Rank 0 measures (a few milliseconds per candidate, or
-    reads ``cache_file``, keyed by machine and shape) and every rank takes its answer, so all
-    ranks run the same code. Returns the lines to log. Every candidate computes the same
-    function within the tolerance the kernel tests state."""
+    run's shapes: the expert matmul (per-expert loop, ``F.grouped_mm``, Triton on CUDA), the
+    masked cross-entropy's chunk size and, given the ``optimizer``, AdamW's kernel (fused or
+    foreach, stepping copies of this rank's parameters). Rank 0 measures (a few milliseconds per
+    candidate, or reads ``cache_file``, keyed by machine and shape) and every rank takes its
+    answer, so all ranks run the same code. Returns the lines to log. Every candidate computes the
+    same function within the tolerance the kernel tests state. Called after a resume: a configured
+    AdamW kernel is set again here, over the flags the checkpoint's param groups brought back."""
     import torch.distributed as dist
 
     from kernels import grouped_gemm, masked_cross_entropy
@@ -235,6 +239,14 @@ def autotune_kernels(cfg, mcfg: ModelConfig, batch: "BatchPlan", dims: ParallelD
         key = f"rows {n}, hidden {mcfg.hidden_size}, vocab {mcfg.vocab_size}, {dtype}"
         jobs.append(("cross_entropy", key, lambda: masked_cross_entropy.tuning_candidates(
             n, mcfg.hidden_size, mcfg.vocab_size, dtype=dtype, device=env.device)))
+    if optimizer is not None:
+        from rnd1.optim import adamw_tuning_candidates, set_adamw_implementation
+
+        if cfg.optimizer.implementation != "auto":
+            set_adamw_implementation(optimizer, cfg.optimizer.implementation)
+        else:
+            params = [p for g in optimizer.param_groups for p in g["params"]]
+            jobs.append(("adamw", *adamw_tuning_candidates(params)))
     if not jobs:
         return []
     answers, lines = [None] * len(jobs), []
@@ -249,6 +261,8 @@ def autotune_kernels(cfg, mcfg: ModelConfig, batch: "BatchPlan", dims: ParallelD
     for (op, _, _), chosen in zip(jobs, answers):
         if op == "grouped_mm":
             set_op_impl("grouped_mm", chosen)
+        elif op == "adamw":
+            set_adamw_implementation(optimizer, chosen)
         else:
             masked_cross_entropy.set_tuned_chunk_tokens(int(chosen))
     return lines

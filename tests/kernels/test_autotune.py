@@ -10,7 +10,7 @@ import torch
 from kernels import grouped_gemm, masked_cross_entropy
 from kernels.autotune import Autotuner, measure
 from kernels.backend import op_impl, set_op_backend, set_op_impl
-from kernels.cpu import parse_cpuinfo
+from kernels.cpu import isa_caps, parse_cpuinfo
 
 SPR = """processor\t: 0
 model name\t: Intel(R) Xeon(R) Platinum 8480+
@@ -31,6 +31,21 @@ def test_bf16_matrix_units_are_detected_and_named():
     assert zen3.bf16_units is None and "no bf16 matrix units" in zen3.summary() and "avx2" in zen3.summary()
     assert arm.bf16_units == "Arm BF16 (BFMMLA)"
     assert parse_cpuinfo(SPR.replace(" amx_bf16", ""), "x86_64").bf16_units == "AVX512-BF16"
+
+
+def test_an_instruction_limit_in_the_environment_turns_bf16_units_off_and_is_said():
+    """ONEDNN_MAX_CPU_ISA=AVX2 (how the bench emulates an AVX2 machine) leaves oneDNN, which runs
+    PyTorch's CPU bf16 matmuls, without AMX: the detection must say so, and key timings apart."""
+    env = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2", "HOME": "/x"}
+    caps = isa_caps(env)
+    assert caps == ("ATEN_CPU_CAPABILITY=avx2", "MKL_ENABLE_INSTRUCTIONS=AVX2", "ONEDNN_MAX_CPU_ISA=AVX2")
+    capped, native = parse_cpuinfo(SPR, "x86_64", caps), parse_cpuinfo(SPR, "x86_64")
+    assert capped.bf16_units is None and "limited by ATEN_CPU_CAPABILITY=avx2" in capped.summary()
+    assert capped.key() != native.key() and native.key() == "Intel(R) Xeon(R) Platinum 8480+"
+    # a limit that still includes the units leaves them on; AVX512_CORE_BF16 keeps only the dot products
+    assert parse_cpuinfo(SPR, "x86_64", ("ONEDNN_MAX_CPU_ISA=AVX512_CORE_AMX",)).bf16_units == "AMX-BF16"
+    assert parse_cpuinfo(SPR, "x86_64", ("DNNL_MAX_CPU_ISA=avx512_core_bf16",)).bf16_units == "AVX512-BF16"
+    assert isa_caps({}) == ()
 
 
 def test_the_fastest_candidate_wins_and_the_answer_is_cached(tmp_path):
