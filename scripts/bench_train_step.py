@@ -225,6 +225,49 @@ def apply_malloc(a) -> None:
             raise RuntimeError("--malloc keep: glibc mallopt unavailable on this platform")
 
 
+def build_step(a, mcfg):
+    """(step function, autotune lines) of one single-process variant: this project's step or a peer's."""
+    model = build_rnd1(a, mcfg)
+    if a.impl == "hf":
+        return hf_step_fn(a, model, mcfg), []
+    if a.impl == "torchtitan":
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from peers.torchtitan_qwen3 import torchtitan_step_fn
+
+        return torchtitan_step_fn(a, model, mcfg), []
+    step = rnd1_step_fn(a, model, mcfg)
+    return step, autotune(a, mcfg, step.optimizer)
+
+
+def op_times_variant(a) -> dict:
+    """--compare-ops: after the warm-up steps, ``a.steps`` untimed steps (their median is the
+    reference) then ``a.steps`` under ``rnd1.tools.op_timer``, each op timed where it is
+    dispatched; milliseconds per step by category and by op."""
+    from rnd1.tools.op_timer import OpTimer
+
+    apply_malloc(a)
+    torch.manual_seed(0)
+    mcfg = model_config(a)
+    step, tuned = build_step(a, mcfg)
+    batches = make_batches(a)
+    plain = []
+    for i, x in enumerate(batches):  # warm-up, then the untimed reference steps
+        t0 = time.perf_counter()
+        step(x)
+        plain.append(time.perf_counter() - t0)
+    timer = OpTimer()
+    t0 = time.perf_counter()
+    with timer:
+        for x in batches[a.warmup:]:
+            step(x)
+    n = len(batches) - a.warmup
+    per_step = {k: v * 1e3 / n for k, v in timer.by_category(a.vocab).items()}
+    ops = [(op, s * 1e3 / n) for op, s in list(timer.by_op().items())[:12]]
+    return {"impl": a.impl, "objective": a.objective, "untimed_step_ms": statistics.median(plain[a.warmup:]) * 1e3,
+            "timed_step_ms": (time.perf_counter() - t0) * 1e3 / n, "ops_ms": timer.total() * 1e3 / n,
+            "categories": per_step, "top_ops": ops, "autotune": tuned}
+
+
 def run_variant(a) -> dict:
     apply_malloc(a)
     torch.manual_seed(0)
@@ -239,18 +282,7 @@ def run_variant(a) -> dict:
         if env.rank:
             return {}
     else:
-        model = build_rnd1(a, mcfg)
-        if a.impl == "hf":
-            step = hf_step_fn(a, model, mcfg)
-        elif a.impl == "torchtitan":
-            sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-            from peers.torchtitan_qwen3 import torchtitan_step_fn
-
-            step = torchtitan_step_fn(a, model, mcfg)
-        else:
-            step = rnd1_step_fn(a, model, mcfg)
-            tuned = autotune(a, mcfg, step.optimizer)
-        del model
+        step, tuned = build_step(a, mcfg)
         res = time_steps(step, a, mcfg)
         if a.impl == "rnd1":
             res["autotune"] = tuned
@@ -309,6 +341,10 @@ def parse(argv=None):
     ap.add_argument("--scaling", action="store_true",
                     help="sweep model size (hidden 256/512/1024, expert width and heads growing with it) x "
                          "(seq 512 x batch 4, seq 2048 x batch 1), MFU against one peak measurement")
+    ap.add_argument("--compare-ops", action="store_true",
+                    help="time every op of this project's step and transformers' (and torchtitan's with "
+                         "--vs-torchtitan) where it is dispatched (rnd1/tools/op_timer.py) and print ms per step "
+                         "by category side by side, and each one's top ops")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="profile this project's step (torch.profiler) and print the top N ops by self time")
     ap.add_argument("--peak-gflops", type=float, default=0.0, metavar="G",
@@ -321,6 +357,9 @@ def parse(argv=None):
     return ap.parse_args(argv)
 
 
+RESULT = "RESULT "  # the line a variant's process prints its JSON result on
+
+
 def subprocess_variant(a, **changes) -> dict:
     """Run one variant in a fresh process (clean memory high-water mark)."""
     a = argparse.Namespace(**{**vars(a), **changes})
@@ -331,7 +370,7 @@ def subprocess_variant(a, **changes) -> dict:
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={a.nprocs}"]
     args = [*launcher, os.path.abspath(__file__), "--json"]
     for k, v in vars(a).items():
-        if k in ("vs_hf", "vs_torchtitan", "table", "scaling", "json", "peak_gflops", "side_by_side"):
+        if k in ("vs_hf", "vs_torchtitan", "table", "scaling", "json", "peak_gflops", "side_by_side", "isa"):
             continue
         flag = "--" + k.replace("_", "-")
         if isinstance(v, bool):
@@ -343,7 +382,7 @@ def subprocess_variant(a, **changes) -> dict:
     if out.returncode:
         raise RuntimeError(out.stderr[-3000:])
     # under torchrun only rank 0 prints its result
-    return json.loads([line for line in out.stdout.splitlines() if line.startswith('{"tokens_per_s"')][-1])
+    return json.loads([line for line in out.stdout.splitlines() if line.startswith(RESULT)][-1][len(RESULT):])
 
 
 def limit_to_avx2(argv) -> None:
@@ -360,20 +399,48 @@ def limit_to_avx2(argv) -> None:
     os.execv(sys.executable, [sys.executable, os.path.abspath(__file__), *argv])
 
 
+def compare_ops(a) -> int:
+    """--compare-ops: this project's step and the peers', op by op, each in its own process."""
+    from kernels.cpu import cpu_info
+    from rnd1.tools.op_timer import CATEGORIES
+
+    print(f"device: CPU {cpu_info().summary()}; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"ms per step, each op timed where it is dispatched: mean of {a.steps} steps, after {a.warmup} warm-up "
+          f"and {a.steps} untimed steps (their median: the last row)")
+    peers = ["hf"] + (["torchtitan"] if a.vs_torchtitan else [])
+    rows = [subprocess_variant(a, impl="rnd1")] + [subprocess_variant(a, impl=p, objective="ar") for p in peers]
+    for r in rows:
+        for line in r["autotune"]:
+            print(f"      {line}")
+    names = [f"{r['impl']} {r['objective']}" for r in rows]
+    print(f"| {'part of the step':<24} | " + " | ".join(f"{n:>16}" for n in names) + " |")
+    print("|" + "---|" * (len(rows) + 1))
+    for c in CATEGORIES:
+        print(f"| {c:<24} | " + " | ".join(f"{r['categories'][c]:16.1f}" for r in rows) + " |")
+    print(f"| {'sum of ops':<24} | " + " | ".join(f"{r['ops_ms']:16.1f}" for r in rows) + " |")
+    print(f"| {'step, timed':<24} | " + " | ".join(f"{r['timed_step_ms']:16.1f}" for r in rows) + " |")
+    print(f"| {'step, untimed':<24} | " + " | ".join(f"{r['untimed_step_ms']:16.1f}" for r in rows) + " |")
+    for n, r in zip(names, rows):
+        print(f"top ops of {n}: " + ", ".join(f"{op} {ms:.1f}" for op, ms in r["top_ops"]))
+    return 0
+
+
 def main(argv=None) -> int:
     a = parse(argv)
     if a.isa == "avx2":
         limit_to_avx2(sys.argv[1:] if argv is None else list(argv))
     if a.json:
-        res = run_variant(a)
+        res = op_times_variant(a) if a.compare_ops else run_variant(a)
         if res:
-            print(json.dumps(res), flush=True)
+            print(RESULT + json.dumps(res), flush=True)
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
         return 0
     if a.profile:
         profile_variant(a)
         return 0
+    if a.compare_ops:
+        return compare_ops(a)
     if a.peak_gflops > 0:
         peak_bf16 = peak_fp32 = a.peak_gflops * 1e9
     else:

@@ -78,3 +78,22 @@ def test_bench_two_processes_with_expert_parallelism():
     assert out.returncode == 0, out.stderr[-2000:]
     row = [line for line in out.stdout.splitlines() if line.strip().startswith("rnd1 ws2 ep2")]
     assert row and float(row[0].split("tok/s")[0].split()[-1].replace(",", "")) > 0
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchtitan") is None,
+                    reason="torchtitan peer not installed (pip install --no-deps torchtitan==0.3.0 and the bench extra)")
+def test_torchtitan_peer_step_is_next_token_cross_entropy():
+    """The peer's loss shifts the labels (as transformers does) and equals the mean next-token CE
+    over the L-1 predicted positions."""
+    import torch.nn.functional as F
+
+    from peers.torchtitan_qwen3 import torchtitan_step_fn
+
+    a, mcfg, model = _tiny_model()
+    step = torchtitan_step_fn(a, model, mcfg)
+    x = torch.randint(0, 511, (2, 32), generator=torch.Generator().manual_seed(5))
+    tt = step.model
+    with torch.no_grad():
+        logits = tt(x)
+    want = F.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten())
+    torch.testing.assert_close(step(x).detach(), want, rtol=1e-5, atol=1e-5)

@@ -82,10 +82,14 @@ def torchtitan_step_fn(a, rnd1_model, mcfg):
     def step(x0):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             logits = model(x0)  # all L positions, as transformers computes with labels=x0
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), x0[:, 1:].flatten())
+            # the labels shift, not the logits (as transformers does): slicing the logits would
+            # cost a full-size zero-filled gradient copy (slice_backward) that neither peer needs
+            labels = F.pad(x0[:, 1:], (0, 1), value=-100)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss
 
+    step.model = model
     return step
