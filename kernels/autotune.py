@@ -116,8 +116,16 @@ class Autotuner:
         self._cache = _read(self.cache_file)
         self._shared = _read(self.shared_file)
 
-    def choose(self, op: str, key: str, candidates: dict[str, Callable[[], object]], *,
-               device: str = "cpu") -> Choice:
+    def choose(self, op: str, key: str, candidates: dict[str, Callable[[], object]] | Callable[[], dict], *,
+               device: str = "cpu", names: tuple = ()) -> Choice:
+        """``candidates``: {name: a zero-argument call to time}, or a function making them (with
+        their ``names``) when making them costs memory: it is called only when nothing is cached."""
+        if callable(candidates):
+            if not names:
+                raise ValueError(f"autotune {op}: candidates given as a function need their names")
+            make, candidates = candidates, dict.fromkeys(names)
+        else:
+            make = None
         if len(candidates) == 1:
             (only,) = candidates
             return Choice(op, key, only, {})
@@ -129,6 +137,8 @@ class Autotuner:
                     self._cache.setdefault(self.machine, {})[name] = entry
                     _write(self.cache_file, self._cache, required=True)
                 return Choice(op, key, entry["chosen"], entry.get("ms", {}), cached=True)
+        if make is not None:
+            candidates = make()
         ms = measure(candidates, budget_ms=self.budget_ms, device=device)
         chosen = min(ms, key=ms.get)
         for store, path, required in ((self._cache, self.cache_file, True), (self._shared, self.shared_file, False)):

@@ -48,8 +48,11 @@ class CpuInfo:
         return f"{self.model} [{shown}]{caps} ({units})"
 
     def key(self) -> str:
-        """What a measurement on this CPU depends on: the model, and any instruction limit."""
-        return " ".join((self.model, *self.isa_caps))
+        """What a measurement on this CPU depends on: the model, its vector flags (a hypervisor
+        may report one generic model name, "Intel(R) Xeon(R) Processor", for different chips)
+        and any instruction limit."""
+        shown = " ".join(f for f in VECTOR_FLAGS if f in self.flags)
+        return " ".join((self.model, f"[{shown}]", *self.isa_caps))
 
 
 def isa_caps(environ=None) -> tuple:

@@ -110,7 +110,7 @@ def set_adamw_implementation(optimizer: torch.optim.AdamW, implementation: str) 
         bad = {p.device.type for g in optimizer.param_groups for p in g["params"]} - set(_fused_devices())
         if bad:
             raise ValueError(f"optimizer.implementation 'fused': no fused AdamW on {sorted(bad)}; use foreach")
-        optimizer._step_supports_amp_scaling = True
+    optimizer._step_supports_amp_scaling = fused  # only the fused kernel takes a GradScaler's scale
     for group in optimizer.param_groups:
         group["fused"], group["foreach"] = fused, implementation == "foreach"
         for p in group["params"]:
@@ -120,40 +120,41 @@ def set_adamw_implementation(optimizer: torch.optim.AdamW, implementation: str) 
                 state["step"] = state["step"].to(device=home, dtype=torch.float32)
 
 
-def adamw_tuning_candidates(params, *, max_elements: int = 1 << 23) -> tuple[str, Callable[[], dict]]:
-    """(shape key, a function making {implementation: one step}) for ``kernels.autotune``, the
-    copies made only when the key is not in the cache and only by the rank that measures: AdamW steps over copies
-    of this rank's parameters (local shards), with made-up gradients, so measuring never touches
-    the model. Up to ``max_elements`` are copied, in parameter order (all of them for a model up
-    to 8M parameters per rank); what the step costs depends on the tensors' count and sizes, so
-    the key names both. The kernels compute the same update (tests/test_optim.py)."""
+def adamw_tuning_candidates(params, *, max_elements: int = 1 << 23) -> tuple[str, tuple, Callable[[], dict]]:
+    """(shape key, candidate names, a function making {name: one AdamW step}) for
+    ``kernels.autotune``, which calls the function only when the key is not cached, on the rank
+    that measures. The steps run over copies of the parameters as the run holds them (DTensor
+    shards stay DTensors, so foreach pays the per-op dispatch it would pay in the run), with
+    made-up gradients: measuring never touches the model. Up to ``max_elements`` local elements
+    are copied, in parameter order (all of them for a model up to 8M parameters per rank); a
+    step's cost depends on the tensors' count and sizes, so the key names both. The kernels
+    compute the same update (tests/test_optim.py). Every op here is local: no collective runs,
+    so one rank can measure alone."""
     sample, n, total = [], 0, 0
     for p in params:
-        local = p.to_local() if hasattr(p, "to_local") else p
+        size = (p.to_local() if hasattr(p, "to_local") else p).numel()
         total += 1
-        if n + local.numel() <= max_elements or not sample:
-            sample.append(local.detach())
-            n += local.numel()
+        if n + size <= max_elements or not sample:
+            sample.append(p.detach())
+            n += size
     if not sample:
         raise ValueError("adamw_tuning_candidates: no parameters")
     dtype, device = sample[0].dtype, sample[0].device
+    names = tuple(i for i in ADAMW_IMPLEMENTATIONS[:2] if i != "fused" or device.type in _fused_devices())
 
     def make() -> dict:
         candidates = {}
-        for impl in ADAMW_IMPLEMENTATIONS[:2]:
-            if impl == "fused" and device.type not in _fused_devices():
-                continue
+        for impl in names:
             copies = [torch.nn.Parameter(t.clone()) for t in sample]
-            g = torch.Generator(device=device).manual_seed(0)
             for c in copies:
-                c.grad = torch.randn(c.shape, generator=g, device=device, dtype=c.dtype) * 1e-3
+                c.grad = c.detach().clone().mul_(1e-3)  # a local op, also on a DTensor (no RNG sync)
             opt = torch.optim.AdamW(copies, lr=1e-4, weight_decay=0.1, foreach=impl == "foreach",
                                     fused=impl == "fused")
             candidates[impl] = opt.step
         return candidates
 
     part = "" if len(sample) == total else f" (of {total})"
-    return f"{len(sample)} tensors{part}, {n} elements, {dtype}", make
+    return f"{len(sample)} tensors{part}, {n} elements, {dtype}", names, make
 
 
 def _fused_devices() -> list:

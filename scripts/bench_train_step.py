@@ -427,6 +427,9 @@ def compare_ops(a) -> int:
 
 def main(argv=None) -> int:
     a = parse(argv)
+    if a.compare_ops and (a.nprocs > 1 or a.compile):
+        # compiled kernels bypass the dispatcher, and the timer runs in one process
+        raise SystemExit("--compare-ops times one eager process: drop --nprocs and --compile")
     if a.isa == "avx2":
         limit_to_avx2(sys.argv[1:] if argv is None else list(argv))
     if a.json:

@@ -121,12 +121,12 @@ def test_adamw_candidates_step_copies_and_name_what_they_measure():
     model = build_model(get_preset("debug"), seed=0)
     params = list(model.parameters())
     before = [p.detach().clone() for p in params]
-    key, make = adamw_tuning_candidates(params)
+    key, names, make = adamw_tuning_candidates(params)
     assert key.startswith(f"{len(params)} tensors, {sum(p.numel() for p in params)} elements, torch.float32")
     candidates = make()
-    assert set(candidates) == {"fused", "foreach"}
+    assert set(candidates) == set(names) == {"fused", "foreach"}
     for step in candidates.values():
         step()
     assert all(torch.equal(a, b) for a, b in zip(params, before))
-    small, _ = adamw_tuning_candidates(params, max_elements=params[1].numel() + 1)
-    assert small.startswith("1 tensors (of") or "(of" in small
+    small, _, _ = adamw_tuning_candidates(params, max_elements=params[0].numel())
+    assert small.startswith(f"1 tensors (of {len(params)}), {params[0].numel()} elements")

@@ -243,22 +243,28 @@ def autotune_kernels(cfg, mcfg: ModelConfig, batch: "BatchPlan", dims: ParallelD
         from rnd1.optim import adamw_tuning_candidates, set_adamw_implementation
 
         if cfg.optimizer.implementation != "auto":
-            set_adamw_implementation(optimizer, cfg.optimizer.implementation)
+            try:
+                set_adamw_implementation(optimizer, cfg.optimizer.implementation)
+            except ValueError as e:
+                raise StartupError(str(e)) from e
         else:
             params = [p for g in optimizer.param_groups for p in g["params"]]
-            jobs.append(("adamw", *adamw_tuning_candidates(params)))
+            key, names, make = adamw_tuning_candidates(params)
+            jobs.append(("adamw", key, make, names))
     if not jobs:
         return []
     answers, lines = [None] * len(jobs), []
     if env.is_rank0:
         tuner = Autotuner(cache_file, shared_file=shared_cache_file())
-        for i, (op, key, make) in enumerate(jobs):
-            choice = tuner.choose(op, key, make(), device=env.device.type)
+        for i, (op, key, make, *names) in enumerate(jobs):
+            # named candidates are made only if not cached (AdamW's copy the parameters)
+            choice = tuner.choose(op, key, make if names else make(), device=env.device.type,
+                                  names=names[0] if names else ())
             answers[i] = choice.chosen
             lines.append(choice.line())
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast_object_list(answers, src=0)
-    for (op, _, _), chosen in zip(jobs, answers):
+    for (op, *_), chosen in zip(jobs, answers):
         if op == "grouped_mm":
             set_op_impl("grouped_mm", chosen)
         elif op == "adamw":

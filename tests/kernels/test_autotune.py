@@ -41,7 +41,9 @@ def test_an_instruction_limit_in_the_environment_turns_bf16_units_off_and_is_sai
     assert caps == ("ATEN_CPU_CAPABILITY=avx2", "MKL_ENABLE_INSTRUCTIONS=AVX2", "ONEDNN_MAX_CPU_ISA=AVX2")
     capped, native = parse_cpuinfo(SPR, "x86_64", caps), parse_cpuinfo(SPR, "x86_64")
     assert capped.bf16_units is None and "limited by ATEN_CPU_CAPABILITY=avx2" in capped.summary()
-    assert capped.key() != native.key() and native.key() == "Intel(R) Xeon(R) Platinum 8480+"
+    assert capped.key() != native.key()
+    assert native.key() == "Intel(R) Xeon(R) Platinum 8480+ [avx2 fma avx512f avx512_bf16 amx_tile amx_bf16]"
+    assert parse_cpuinfo(SPR.replace(" amx_bf16", ""), "x86_64").key() != native.key()
     # a limit that still includes the units leaves them on; AVX512_CORE_BF16 keeps only the dot products
     assert parse_cpuinfo(SPR, "x86_64", ("ONEDNN_MAX_CPU_ISA=AVX512_CORE_AMX",)).bf16_units == "AMX-BF16"
     assert parse_cpuinfo(SPR, "x86_64", ("DNNL_MAX_CPU_ISA=avx512_core_bf16",)).bf16_units == "AVX512-BF16"
@@ -73,6 +75,18 @@ def test_the_fastest_candidate_wins_and_the_answer_is_cached(tmp_path):
     assert again.chosen == "fast" and again.cached and calls == before
     # another shape is measured anew
     assert not Autotuner(cache, budget_ms=5).choose("op", "shape B", {"slow": slow, "fast": fast}).cached
+    # candidates that cost memory to make (AdamW's copies) are made only when nothing is cached
+    made = []
+
+    def make():
+        made.append(1)
+        return {"slow": slow, "fast": fast}
+
+    assert Autotuner(cache).choose("op", "shape A", make, names=("slow", "fast")).cached and not made
+    assert Autotuner(cache, budget_ms=5).choose("op", "shape C", make, names=("slow", "fast")).chosen == "fast"
+    assert made == [1]
+    with pytest.raises(ValueError, match="need their names"):
+        Autotuner(cache).choose("op", "shape D", make)
 
 
 def test_a_damaged_cache_costs_a_measurement_not_a_crash(tmp_path):

@@ -74,3 +74,13 @@ def test_a_configured_adamw_kernel_wins_over_the_resumed_checkpoints_flags(tmp_p
     # (loading a checkpoint may take one zero-lr step first, to create the state it fills)
     steps = [seen[k] for k in sorted(seen)][-2:]
     assert len(steps) == 2 and all(v == {(True, False)} for v in steps), seen
+    # auto: the steps run the kernel the measurement chose and recorded
+    seen.clear()
+    cfg = load_config(REPO / "train_configs" / "debug_model.toml",
+                      [*args, "--training.steps=6", "--optimizer.implementation=auto"])
+    train_mod.Trainer(cfg, env).train()
+    (entries,) = json.loads((run / "autotune.json").read_text()).values()
+    chosen = next(v["chosen"] for k, v in entries.items() if k.startswith("adamw|"))
+    want = {(chosen == "fused", chosen == "foreach")}
+    steps = [seen[k] for k in sorted(seen)][-2:]
+    assert len(steps) == 2 and all(v == want for v in steps), (chosen, seen)
