@@ -395,6 +395,14 @@ def limit_to_avx2(argv) -> None:
     if all(os.environ.get(k) == v for k, v in wanted.items()):
         return
     os.environ.update(wanted)
+    # Inductor's cache does not key its generated C++ by ATEN_CPU_CAPABILITY: a graph compiled
+    # natively (16-lane AVX-512 loops) was reused under the AVX2 limit and built with AVX2 flags,
+    # and the compiled step read out of bounds (measured here with --compile). A cache of its own:
+    import getpass
+    import tempfile
+
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR",
+                          os.path.join(tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}_avx2"))
     sys.stdout.flush()
     os.execv(sys.executable, [sys.executable, os.path.abspath(__file__), *argv])
 
