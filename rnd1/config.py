@@ -261,14 +261,14 @@ class Eval:
     task_interval: int = _f(0, "score tasks every N steps (0: never)", _nonneg)
 
 
-KernelBackend = Literal["auto", "reference", "triton"]  # kernels.backend.BACKENDS (a test keeps them equal)
+KernelBackend = Literal["auto", "reference", "triton"]  # rnd1.kernels.backend.BACKENDS (a test keeps them equal)
 
 
 @dataclass
 class Kernels:
     """Backends of the hot ops, one vocabulary for all three: auto (Triton on CUDA, the PyTorch
     reference on CPU), reference, triton (on CPU only under TRITON_INTERPRET=1). Set once at
-    start-up through kernels/backend.py (rnd1.training.build.set_kernel_backends)."""
+    start-up through rnd1/kernels/backend.py (rnd1.training.build.set_kernel_backends)."""
     grouped_mm: KernelBackend = _f("auto", "expert matmul backend (the old values: loop is now reference, "
                                    "kernels is auto; torch is gone)")
     cross_entropy: KernelBackend = _f("auto", "masked cross-entropy backend")

@@ -122,7 +122,7 @@ def set_adamw_implementation(optimizer: torch.optim.AdamW, implementation: str) 
 
 def adamw_tuning_candidates(params, *, max_elements: int = 1 << 23) -> tuple[str, tuple, Callable[[], dict]]:
     """(shape key, candidate names, a function making {name: one AdamW step}) for
-    ``kernels.autotune``, which calls the function only when the key is not cached, on the rank
+    ``rnd1.kernels.autotune``, which calls the function only when the key is not cached, on the rank
     that measures. The steps run over copies of the parameters as the run holds them (DTensor
     shards stay DTensors, so foreach pays the per-op dispatch it would pay in the run), with
     made-up gradients: measuring never touches the model. Up to ``max_elements`` local elements

@@ -316,7 +316,7 @@ def parse(argv=None):
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--ac", choices=["none", "full", "selective"], default="none")
     ap.add_argument("--grouped-mm", default="auto", choices=["auto", "reference", "triton"],
-                    help="expert matmul backend (kernels/backend.py)")
+                    help="expert matmul backend (rnd1/kernels/backend.py)")
     ap.add_argument("--optimizer", choices=["auto", "fused", "foreach", "for-loop"], default="auto",
                     help="this project's AdamW kernel (the trainer's default: auto, measured at start-up)")
     ap.add_argument("--peer-optimizer", choices=["fused", "foreach", "for-loop"], default="fused",
@@ -352,7 +352,7 @@ def parse(argv=None):
                          "since a bf16 peak on a CPU without bf16 units takes a minute to measure")
     ap.add_argument("--isa", choices=["native", "avx2"], default="native",
                     help="avx2: run everything (peak, autotune, every variant) with ATen, MKL and oneDNN limited "
-                         "to AVX2 (kernels/cpu.py ISA_CAP_VARIABLES): an AVX2-only CPU emulated on a newer one")
+                         "to AVX2 (rnd1/kernels/cpu.py ISA_CAP_VARIABLES): an AVX2-only CPU emulated on a newer one")
     ap.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
@@ -388,7 +388,7 @@ def subprocess_variant(a, **changes) -> dict:
 def limit_to_avx2(argv) -> None:
     """Re-run this command with the libraries limited to AVX2 (the variables are read when the
     libraries start, so this process, which already imported torch, cannot change itself)."""
-    from kernels.cpu import ISA_CAP_VARIABLES
+    from rnd1.kernels.cpu import ISA_CAP_VARIABLES
 
     wanted = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
     assert set(wanted) == set(ISA_CAP_VARIABLES)
@@ -409,7 +409,7 @@ def limit_to_avx2(argv) -> None:
 
 def compare_ops(a) -> int:
     """--compare-ops: this project's step and the peers', op by op, each in its own process."""
-    from kernels.cpu import cpu_info
+    from rnd1.kernels.cpu import cpu_info
     from rnd1.tools.op_timer import CATEGORIES
 
     print(f"device: CPU {cpu_info().summary()}; torch {torch.__version__}, {torch.get_num_threads()} threads")
@@ -457,7 +457,7 @@ def main(argv=None) -> int:
     else:
         peak_bf16 = measure_matmul_peak(torch.bfloat16, n=2048)
         peak_fp32 = measure_matmul_peak(torch.float32, n=2048)
-    from kernels.cpu import cpu_info
+    from rnd1.kernels.cpu import cpu_info
 
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU " + cpu_info().summary()
     print(f"device: {dev}; torch {torch.__version__}, {torch.get_num_threads()} threads")

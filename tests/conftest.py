@@ -8,7 +8,7 @@ from pathlib import Path
 # The Triton kernels are tested on CPU with Triton's interpreter. It must be switched on before
 # triton.jit decorates anything (CPU training takes the reference path either way).
 os.environ.setdefault("TRITON_INTERPRET", "1")
-# every run the tests start shares one measured-backend cache (kernels/autotune.py), outside ~/.cache
+# every run the tests start shares one measured-backend cache (rnd1/kernels/autotune.py), outside ~/.cache
 os.environ.setdefault("RND1_AUTOTUNE_CACHE", os.path.join(tempfile.mkdtemp(prefix="rnd1-autotune-"), "autotune.json"))
 
 import pytest  # noqa: E402

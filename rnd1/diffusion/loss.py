@@ -2,7 +2,7 @@
 
 Only the selected hidden states reach the LM head (for a2d at mean t = 0.5 that is about half
 the head's FLOPs and logits memory), and the cross-entropy itself runs through the fused,
-chunked kernel (``kernels.masked_cross_entropy``), which never materialises [N, V] logits.
+chunked kernel (``rnd1.kernels.masked_cross_entropy``), which never materialises [N, V] logits.
 
 Normalisation happens once, outside: ``rnd1.training.step`` divides the weighted sum of every
 micro-batch by the objective's normaliser counted over the GLOBAL batch (all micro-batches of
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.masked_cross_entropy import masked_cross_entropy
+from rnd1.kernels.masked_cross_entropy import masked_cross_entropy
 from rnd1.diffusion.objective import Targets
 
 

@@ -3,9 +3,9 @@
 ``grouped_mm(x [N, K], w [G, K, M], offs [G])`` multiplies rows ``offs[g-1]:offs[g]`` of x by
 ``w[g]`` (the semantics of ``torch.nn.functional.grouped_mm``); rows past ``offs[-1]`` are zero.
 
-The backend is the ``grouped_mm`` entry of ``kernels.backend`` (set from ``[kernels] grouped_mm``
+The backend is the ``grouped_mm`` entry of ``rnd1.kernels.backend`` (set from ``[kernels] grouped_mm``
 by the trainer), in the vocabulary every kernel shares:
-- ``reference``: ``kernels.grouped_gemm``'s PyTorch path (``F.grouped_mm`` where its stride rule
+- ``reference``: ``rnd1.kernels.grouped_gemm``'s PyTorch path (``F.grouped_mm`` where its stride rule
   allows, else one ``torch.mm`` per group), a custom op: opaque to torch.compile and one autograd
   node whatever the group sizes, so every rank builds the same backward graph under expert
   parallelism and issues its collectives in the same order;
@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import torch
 
-from kernels.backend import op_backend, set_op_backend
+from rnd1.kernels.backend import op_backend, set_op_backend
 
 
 def set_grouped_mm_backend(name: str) -> None:
-    """Choose the implementation: one of ``kernels.backend.BACKENDS`` (ValueError otherwise)."""
+    """Choose the implementation: one of ``rnd1.kernels.backend.BACKENDS`` (ValueError otherwise)."""
     set_op_backend("grouped_mm", name)
 
 
@@ -32,6 +32,6 @@ def get_grouped_mm_backend() -> str:
 
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    from kernels.grouped_gemm import grouped_mm as kernel_grouped_mm
+    from rnd1.kernels.grouped_gemm import grouped_mm as kernel_grouped_mm
 
     return kernel_grouped_mm(x, w, offs, backend=op_backend("grouped_mm"))

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import token_dispatch
-from kernels.backend import op_backend, resolve_backend
+from rnd1.kernels import token_dispatch
+from rnd1.kernels.backend import op_backend, resolve_backend
 from rnd1.model.grouped_mm import grouped_mm
 
 
@@ -105,10 +105,10 @@ class LocalDispatcher:
     """Single-process dispatch: a stable sort of the T*k (token, slot) pairs by expert id. No host
     synchronisation: the output has exactly T*k rows, so it traces into a compiled block.
 
-    The backend is ``kernels.backend``'s ``dispatch`` setting (``[kernels] dispatch``), resolved
+    The backend is ``rnd1.kernels.backend``'s ``dispatch`` setting (``[kernels] dispatch``), resolved
     per call against the tokens' device. ``reference`` (CPU under ``auto``) is index_select /
     index_copy_ / bmm, measured fastest on CPU; ``triton`` (CUDA under ``auto``) is
-    ``kernels.token_dispatch``'s gather and fp32-accumulating weighted combine with their Triton
+    ``rnd1.kernels.token_dispatch``'s gather and fp32-accumulating weighted combine with their Triton
     backward, as custom ops with fake implementations, so the block still compiles whole."""
 
     traceable = True  # torch.compile can put dispatch and combine inside the block's graph

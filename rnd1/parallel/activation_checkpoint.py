@@ -11,7 +11,7 @@ from __future__ import annotations
 from functools import partial
 
 import torch
-import kernels.grouped_gemm  # noqa: F401  (registers torch.ops.rnd1_kernels.grouped_mm)
+import rnd1.kernels.grouped_gemm  # noqa: F401  (registers torch.ops.rnd1_kernels.grouped_mm)
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
@@ -34,7 +34,7 @@ def _save_ops() -> set:
     ops.add(torch.ops._c10d_functional.wait_tensor.default)
     if hasattr(torch.ops.aten, "_grouped_mm"):
         ops.add(torch.ops.aten._grouped_mm.default)
-    # The project's own grouped GEMM custom op, once registered by kernels.grouped_gemm.
+    # The project's own grouped GEMM custom op, once registered by rnd1.kernels.grouped_gemm.
     ns = getattr(torch.ops, "rnd1_kernels", None)
     if ns is not None and hasattr(ns, "grouped_mm"):
         ops.add(ns.grouped_mm.default)

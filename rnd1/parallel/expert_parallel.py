@@ -10,7 +10,7 @@ With EP degree ``ep`` and ``E`` experts, rank j of an EP group owns experts
 3. ``all_to_all_single`` of the expert-sorted rows with those variable splits;
 4. regroup the received rows from (source rank, expert) order to (expert, source rank) order
    and run the local grouped GEMMs (the regroup is ``index_select`` with the ``reference``
-   dispatch backend, ``kernels.token_dispatch``'s Triton gather with ``triton``, as is step 1's
+   dispatch backend, ``rnd1.kernels.token_dispatch``'s Triton gather with ``triton``, as is step 1's
    sort inside the ``LocalDispatcher``);
 5. undo 4 and 3 (the reverse all-to-all), unsort, and combine with the routing weights.
 
@@ -29,8 +29,8 @@ import torch
 import torch.distributed._functional_collectives as funcol
 from torch.distributed.tensor import DTensor, Shard
 
-from kernels.backend import op_backend, resolve_backend
-from kernels.token_dispatch import gather_rows
+from rnd1.kernels.backend import op_backend, resolve_backend
+from rnd1.kernels.token_dispatch import gather_rows
 from rnd1.model.moe import GroupedExperts, LocalDispatcher, MoE
 
 

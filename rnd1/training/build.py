@@ -196,7 +196,7 @@ def resolve_autocast(cfg, device: torch.device) -> tuple[str, str]:
         return a, f"training.autocast={a!r}"
     if device.type == "cuda":
         return "bfloat16", "auto: CUDA"
-    from kernels.cpu import cpu_info
+    from rnd1.kernels.cpu import cpu_info
 
     info = cpu_info()
     if info.bf16_units:
@@ -208,7 +208,7 @@ def resolve_autocast(cfg, device: torch.device) -> tuple[str, str]:
 
 def autotune_kernels(cfg, mcfg: ModelConfig, batch: "BatchPlan", dims: ParallelDims, env: DistEnv, objective,
                      dtype: torch.dtype, cache_file: Path | None, optimizer=None) -> list[str]:
-    """``auto`` kernels choose their implementation by measurement (``kernels.autotune``), at this
+    """``auto`` kernels choose their implementation by measurement (``rnd1.kernels.autotune``), at this
     run's shapes: the expert matmul (per-expert loop, ``F.grouped_mm``, Triton on CUDA), the
     masked cross-entropy's chunk size and, given the ``optimizer``, AdamW's kernel (fused or
     foreach, stepping copies of this rank's parameters). Rank 0 measures (a few milliseconds per
@@ -218,9 +218,9 @@ def autotune_kernels(cfg, mcfg: ModelConfig, batch: "BatchPlan", dims: ParallelD
     AdamW kernel is set again here, over the flags the checkpoint's param groups brought back."""
     import torch.distributed as dist
 
-    from kernels import grouped_gemm, masked_cross_entropy
-    from kernels.autotune import Autotuner, shared_cache_file
-    from kernels.backend import set_op_impl
+    from rnd1.kernels import grouped_gemm, masked_cross_entropy
+    from rnd1.kernels.autotune import Autotuner, shared_cache_file
+    from rnd1.kernels.backend import set_op_impl
 
     k = cfg.kernels
     # rows the step really feeds: the two-stream block forward and complementary pairs double them
@@ -275,10 +275,10 @@ def autotune_kernels(cfg, mcfg: ModelConfig, batch: "BatchPlan", dims: ParallelD
 
 
 def set_kernel_backends(cfg) -> None:
-    """``[kernels]`` -> kernels.backend's per-op settings, read by the model's expert matmul and
+    """``[kernels]`` -> rnd1.kernels.backend's per-op settings, read by the model's expert matmul and
     token dispatcher (the loss also gets ``cross_entropy`` passed explicitly). Bad values fail
     here with one line (config loading already rejects them; this covers configs built in code)."""
-    from kernels.backend import set_op_backend
+    from rnd1.kernels.backend import set_op_backend
 
     k = cfg.kernels
     for op, name in (("grouped_mm", k.grouped_mm), ("dispatch", k.dispatch), ("cross_entropy", k.cross_entropy)):

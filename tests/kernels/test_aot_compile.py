@@ -23,7 +23,7 @@ def _run(code: str) -> str:
 
 
 def _report(arch: int) -> dict:
-    out = _run("import json\nfrom kernels.aot import report_rows\n"
+    out = _run("import json\nfrom rnd1.kernels.aot import report_rows\n"
                f"print(json.dumps(report_rows({arch})))\n")
     return {r["name"]: r for r in json.loads(out.strip().splitlines()[-1])}
 
@@ -32,8 +32,8 @@ def test_jit_specialisation_is_derived_from_sample_arguments():
     """The attrs come from the JIT's own binder: aligned pointers and multiple-of-16 ints get
     tt.divisibility 16, unit strides become constants, an odd int gets nothing."""
     out = _run(
-        "from kernels.aot import SampleTensor, jit_specialization\n"
-        "from kernels.grouped_gemm import _grouped_mm_kernel as k\n"
+        "from rnd1.kernels.aot import SampleTensor, jit_specialization\n"
+        "from rnd1.kernels.grouped_gemm import _grouped_mm_kernel as k\n"
         "import torch\n"
         "x = SampleTensor(torch.bfloat16, (64, 2048)); w = SampleTensor(torch.bfloat16, (16, 768, 2048))\n"
         "args = dict(x_ptr=x, w_ptr=w, y_ptr=x, offs_ptr=SampleTensor(torch.int32, (16,)), G=16, N=64, M=777,\n"
@@ -68,7 +68,7 @@ def test_every_kernel_compiles_for_sm90_and_gemm_candidates_are_pipelined_wgmma_
 
 
 def test_default_grouped_gemm_configs_compile_for_sm100_with_tcgen05():
-    from kernels.grouped_gemm import DW_GPU_CONFIGS, GPU_CONFIGS, config_name
+    from rnd1.kernels.grouped_gemm import DW_GPU_CONFIGS, GPU_CONFIGS, config_name
 
     rows = _report(100)
     for name in (config_name("fwd", GPU_CONFIGS[0]), config_name("fwd", GPU_CONFIGS[1]),
@@ -82,7 +82,7 @@ def test_grouped_gemm_row_and_group_offsets_are_int64():
     """rows x row-stride and group x group-stride pass 2^31 at large shapes: the pointer
     arithmetic on them must be 64-bit in the compiled IR (forward and dW)."""
     out = _run(
-        "import re\nfrom kernels.aot import all_specs, compile_spec\n"
+        "import re\nfrom rnd1.kernels.aot import all_specs, compile_spec\n"
         "for s in all_specs():\n"
         "    if s[0].startswith('grouped_mm_'):\n"
         "        ir = compile_spec(s, 90).asm['ttir']\n"

@@ -1,4 +1,4 @@
-"""Backends chosen by measurement (kernels/autotune.py), CPU feature detection (kernels/cpu.py),
+"""Backends chosen by measurement (rnd1/kernels/autotune.py), CPU feature detection (rnd1/kernels/cpu.py),
 and that every candidate an ``auto`` op may choose computes the same thing."""
 
 import json
@@ -7,10 +7,10 @@ import time
 import pytest
 import torch
 
-from kernels import grouped_gemm, masked_cross_entropy
-from kernels.autotune import Autotuner, measure
-from kernels.backend import op_impl, set_op_backend, set_op_impl
-from kernels.cpu import isa_caps, parse_cpuinfo
+from rnd1.kernels import grouped_gemm, masked_cross_entropy
+from rnd1.kernels.autotune import Autotuner, measure
+from rnd1.kernels.backend import op_impl, set_op_backend, set_op_impl
+from rnd1.kernels.cpu import isa_caps, parse_cpuinfo
 
 SPR = """processor\t: 0
 model name\t: Intel(R) Xeon(R) Platinum 8480+

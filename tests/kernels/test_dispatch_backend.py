@@ -1,10 +1,10 @@
 """Issue 15, part 3: the Triton token dispatch is the model's dispatch path when the backend says
-so, through the one backend switch (``kernels.backend``) shared by grouped_mm, dispatch and
+so, through the one backend switch (``rnd1.kernels.backend``) shared by grouped_mm, dispatch and
 cross_entropy, and it stays compile-friendly.
 
 Why these tests: the Triton dispatch kernels were dead code once (the model used index_select /
 bmm and ``kernels.dispatch`` was read by nothing), so the checks here count the kernels' calls
-from a real Qwen3 MoE forward/backward rather than testing ``kernels.token_dispatch`` alone, and
+from a real Qwen3 MoE forward/backward rather than testing ``rnd1.kernels.token_dispatch`` alone, and
 compare that run with the reference path's outputs and gradients."""
 
 import os
@@ -13,8 +13,8 @@ import typing
 import pytest
 import torch
 
-import kernels.token_dispatch as td
-from kernels.backend import BACKENDS, op_backend, set_op_backend
+import rnd1.kernels.token_dispatch as td
+from rnd1.kernels.backend import BACKENDS, op_backend, set_op_backend
 
 INTERPRET = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                reason="Triton kernels run on CPU only under TRITON_INTERPRET=1")
@@ -150,7 +150,7 @@ def test_qwen3_moe_forward_and_backward_go_through_triton_dispatch(monkeypatch, 
 
 
 def test_reference_backend_keeps_the_index_select_path(monkeypatch):
-    """CPU default (``auto``): the dispatcher must not touch kernels.token_dispatch at all (its
+    """CPU default (``auto``): the dispatcher must not touch rnd1.kernels.token_dispatch at all (its
     index_select / bmm path is what the CPU measurements were taken with)."""
     from rnd1.model.moe import LocalDispatcher
 

@@ -1,4 +1,4 @@
-"""The one-command GPU check (kernels/bench/gpu_check.py) in its CPU mode: Triton interpreter,
+"""The one-command GPU check (rnd1/kernels/bench/gpu_check.py) in its CPU mode: Triton interpreter,
 tiny shapes, fp32/fp16. It must exit 0 and print every section."""
 
 import os
@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_gpu_check_tiny_runs_on_cpu():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     env.pop("RND1_KERNEL_BACKEND", None)
-    out = subprocess.run([sys.executable, "-m", "kernels.bench.gpu_check", "--tiny"], cwd=ROOT, env=env,
+    out = subprocess.run([sys.executable, "-m", "rnd1.kernels.bench.gpu_check", "--tiny"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=300)
     text = out.stdout + out.stderr
     assert out.returncode == 0, text[-4000:]

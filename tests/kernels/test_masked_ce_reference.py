@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from kernels.backend import resolve_backend
-from kernels.masked_cross_entropy import masked_cross_entropy, masked_cross_entropy_reference_full
+from rnd1.kernels.backend import resolve_backend
+from rnd1.kernels.masked_cross_entropy import masked_cross_entropy, masked_cross_entropy_reference_full
 
 
 @pytest.mark.parametrize("select_kind", ["none", "random", "all_false"])
@@ -53,7 +53,7 @@ def test_backend_switch(monkeypatch):
 
 @pytest.mark.parametrize("select_kind", ["none", "random"])
 def test_vocab_chunked_low_memory_path_matches_float64(select_kind, monkeypatch):
-    import kernels.masked_cross_entropy as mce
+    import rnd1.kernels.masked_cross_entropy as mce
 
     monkeypatch.setattr(mce, "VOCAB_CHUNK_ELEMS", 37 * 128)  # several vocabulary chunks
     torch.manual_seed(0)
@@ -83,7 +83,7 @@ def test_vocab_chunked_low_memory_path_matches_float64(select_kind, monkeypatch)
 def test_no_grad_asks_for_no_gradients(chunk, monkeypatch):
     """Under no_grad (validation) the op is asked for the loss only: no dW buffer, no gradient
     matmuls, whatever requires_grad says (ctx.needs_input_grad ignores grad mode)."""
-    import kernels.masked_cross_entropy as mce
+    import rnd1.kernels.masked_cross_entropy as mce
 
     calls = []
     real = mce._fused_op

@@ -7,9 +7,9 @@ import os
 import pytest
 import torch
 
-from kernels.grouped_gemm import grouped_mm
-from kernels.masked_cross_entropy import masked_cross_entropy, masked_cross_entropy_reference_full
-from kernels.token_dispatch import build_order, combine, dispatch
+from rnd1.kernels.grouped_gemm import grouped_mm
+from rnd1.kernels.masked_cross_entropy import masked_cross_entropy, masked_cross_entropy_reference_full
+from rnd1.kernels.token_dispatch import build_order, combine, dispatch
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="Triton kernels run on CPU only under TRITON_INTERPRET=1")
@@ -80,7 +80,7 @@ def test_grouped_mm_kernel_writes_every_row_of_an_uninitialised_output(dtype, si
     """y is allocated empty: the kernel must write every group row and zero the tail rows past
     offs[-1] itself (on CUDA nothing else does). Poison y with NaN and launch the kernel directly;
     N = 0 (no rows at all) included."""
-    from kernels.grouped_gemm import INTERPRET_CONFIG, _grouped_mm_kernel
+    from rnd1.kernels.grouped_gemm import INTERPRET_CONFIG, _grouped_mm_kernel
 
     torch.manual_seed(0)
     offs, N = _offs(sizes, tail=tail)
@@ -117,7 +117,7 @@ def test_grouped_mm_triton_zero_weights_and_no_rows(N):
 def test_grouped_mm_config_choice_is_keyed_by_shape(kind, configs):
     """The deterministic GPU choice: tall row tiles for many rows per group, short ones for few,
     and a tile no wider than M / K when one fits; the same bucket gives the same config."""
-    from kernels import grouped_gemm as gg
+    from rnd1.kernels import grouped_gemm as gg
 
     cands = getattr(gg, configs)
     big = gg._pick_config(gg.shape_key(32768, 16, 2048, 768), cands)
@@ -257,7 +257,7 @@ def _ce_inputs(N, H, V, wkind, dtype, seed=6):
 @pytest.mark.parametrize("N,H,V,wkind", CE_EDGE_CASES)
 def test_masked_ce_triton_backward_edge_shapes_vs_float64(dtype, N, H, V, wkind, monkeypatch):
     """Several row chunks (d hidden pass) and vocabulary chunks (d weight pass), each off the tile."""
-    import kernels.masked_cross_entropy_triton as mct
+    import rnd1.kernels.masked_cross_entropy_triton as mct
 
     monkeypatch.setattr(mct, "GRAD_BLOCK_ELEMS", 24 * 48)
     h, W, t, w = _ce_inputs(N, H, V, wkind, dtype)
@@ -278,7 +278,7 @@ def test_masked_ce_triton_backward_edge_shapes_vs_float64(dtype, N, H, V, wkind,
 def test_masked_ce_triton_grad_block_covers_every_element_once():
     """The gradient block kernel on a block off both tiles: g = w (softmax - onehot) vs float64,
     and nothing written outside the block (the buffer's tail keeps its sentinel)."""
-    import kernels.masked_cross_entropy_triton as mct
+    import rnd1.kernels.masked_cross_entropy_triton as mct
 
     h, W, t, w = _ce_inputs(23, 24, 45, "rand", torch.float32)
     h, W = h.detach(), W.detach()
@@ -295,7 +295,7 @@ def test_masked_ce_triton_grad_block_covers_every_element_once():
 
 
 def test_masked_ce_triton_backward_is_bit_reproducible(monkeypatch):
-    import kernels.masked_cross_entropy_triton as mct
+    import rnd1.kernels.masked_cross_entropy_triton as mct
 
     monkeypatch.setattr(mct, "GRAD_BLOCK_ELEMS", 32 * 32)
     h, W, t, w = _ce_inputs(37, 40, 75, "rand", torch.float32)
@@ -306,7 +306,7 @@ def test_masked_ce_triton_backward_is_bit_reproducible(monkeypatch):
 
 @pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "frozen"])
 def test_masked_ce_triton_without_grad_runs_no_gradient_kernel(mode, monkeypatch):
-    import kernels.masked_cross_entropy_triton as mct
+    import rnd1.kernels.masked_cross_entropy_triton as mct
 
     h, W, t, w = _ce_inputs(9, 16, 30, "rand", torch.float32)
     expected = masked_cross_entropy(h, W, t, w, backend="triton").detach()
@@ -333,7 +333,7 @@ def test_masked_ce_triton_without_grad_runs_no_gradient_kernel(mode, monkeypatch
 
 
 def test_fp32_dot_precision_follows_torch_tf32_flag():
-    from kernels.backend import dot_precision
+    from rnd1.kernels.backend import dot_precision
 
     before = torch.get_float32_matmul_precision()
     try:
@@ -349,7 +349,7 @@ def test_fp32_dot_precision_follows_torch_tf32_flag():
 def test_grouped_mm_autotune_only_on_cuda_and_can_be_switched_off(monkeypatch):
     """Timing candidates needs a GPU (and no CUDA-graph capture); the interpreter and CPU always
     take the deterministic shape-keyed pick."""
-    from kernels import grouped_gemm as gg
+    from rnd1.kernels import grouped_gemm as gg
 
     monkeypatch.setattr(gg.torch.cuda, "is_available", lambda: False)
     assert not gg._autotune_enabled()

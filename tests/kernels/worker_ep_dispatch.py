@@ -10,8 +10,8 @@ import sys
 import torch
 import torch.distributed as dist
 
-import kernels.token_dispatch as td
-from kernels.backend import set_op_backend
+import rnd1.kernels.token_dispatch as td
+from rnd1.kernels.backend import set_op_backend
 from rnd1.model.moe import MoE
 from rnd1.parallel.expert_parallel import AllToAllDispatcher
 

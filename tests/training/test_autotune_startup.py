@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kernels.cpu import cpu_info
+from rnd1.kernels.cpu import cpu_info
 from rnd1.tools import rehearsal
 
 pytestmark = [pytest.mark.multiprocess]

@@ -22,11 +22,14 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.backend import resolve_backend
+from rnd1.kernels.backend import resolve_backend
+from rnd1.kernels.interpreter_compat import patch_if_interpreting
 
 try:
     import triton
     import triton.language as tl
+
+    patch_if_interpreting()  # Triton <= 3.6's interpreter under NumPy >= 2.4 (interpreter_compat.py)
 except ImportError:  # pragma: no cover
     triton = None
 

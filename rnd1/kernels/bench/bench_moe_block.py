@@ -3,8 +3,8 @@ and backward, at Qwen3-30B-A3B-per-rank shapes: ours against the naive per-exper
 (one_hot / where / index_add_, the style of transformers' eager Qwen3-MoE), plus a bare matmul
 for the machine's peak, in one run. On a GPU, the Triton path with do_bench.
 
-    python -m kernels.bench.bench_moe_block                    # hidden 2048, expert 768, 16 experts, 4096 rows, bf16
-    python -m kernels.bench.bench_moe_block --dtype float32
+    python -m rnd1.kernels.bench.bench_moe_block                    # hidden 2048, expert 768, 16 experts, 4096 rows, bf16
+    python -m rnd1.kernels.bench.bench_moe_block --dtype float32
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from kernels.bench.common import matmul_peak, median_time
-from kernels.grouped_gemm import grouped_mm
-from kernels.token_dispatch import combine, dispatch
+from rnd1.kernels.bench.common import matmul_peak, median_time
+from rnd1.kernels.grouped_gemm import grouped_mm
+from rnd1.kernels.token_dispatch import combine, dispatch
 
 
 def make(a, device="cpu"):

@@ -14,7 +14,7 @@ shapes), and :func:`jit_specialization` runs them through the JIT's own binder
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))`` then lowers to PTX and a
 cubin (sm_90; sm_100 likewise); the ``cuobjdump`` shipped with Triton reads registers and stack
 bytes and disassembles the SASS, where spills are local-memory stores (``STL``).
-``python -m kernels.aot [arch]`` prints the table that kernels/README.md records.
+``python -m rnd1.kernels.aot [arch]`` prints the table that rnd1/kernels/README.md records.
 
 Spec format: ``(name, fn, args, constexprs, num_warps, num_stages)``; ``args`` maps each
 non-constexpr parameter to a sample value (``SampleTensor`` or int). A legacy spec whose
@@ -63,7 +63,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def all_specs(dtype: str = "bf16") -> list[tuple]:
-    from kernels import grouped_gemm, masked_cross_entropy_triton, token_dispatch
+    from rnd1.kernels import grouped_gemm, masked_cross_entropy_triton, token_dispatch
 
     return grouped_gemm.aot_specs(dtype) + token_dispatch.aot_specs(dtype) + masked_cross_entropy_triton.aot_specs(dtype)
 

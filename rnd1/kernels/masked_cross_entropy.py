@@ -10,7 +10,7 @@ once and freed at once.
 
 - reference (CPU, and the semantics): loops over chunks of ``chunk_tokens`` rows; per chunk, one
   [c, V] logits block in fp32, softmax, the gradient block, two matmuls.
-- triton (CUDA, or CPU under TRITON_INTERPRET=1): ``kernels/masked_cross_entropy_triton.py``,
+- triton (CUDA, or CPU under TRITON_INTERPRET=1): ``rnd1/kernels/masked_cross_entropy_triton.py``,
   vocabulary-tiled with an online log-sum-exp for the loss; the gradients go through bounded
   blocks of g = w (softmax - onehot) (at most 2^25 elements) and GEMMs that write each gradient
   element once: no atomics, deterministic.
@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import torch
 
-from kernels.backend import resolve_backend
+from rnd1.kernels.backend import resolve_backend
 
 DEFAULT_CHUNK_TOKENS = 256
-CHUNK_CANDIDATES = (128, 256, 512, 1024, 2048)  # what ``auto`` measures (kernels.autotune)
+CHUNK_CANDIDATES = (128, 256, 512, 1024, 2048)  # what ``auto`` measures (rnd1.kernels.autotune)
 _tuned_chunk: int | None = None
 
 
@@ -104,7 +104,7 @@ def _fused_op(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
               chunk_tokens: int, backend: str, need_grads: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, d_hidden, d_weight) for an incoming gradient of 1 (empty grads if not needed)."""
     if backend == "triton":
-        from kernels.masked_cross_entropy_triton import fused_forward_triton
+        from rnd1.kernels.masked_cross_entropy_triton import fused_forward_triton
 
         loss, dh, dw = fused_forward_triton(hidden, weight, targets, weights, need_grads)
     elif chunk_tokens <= 0:

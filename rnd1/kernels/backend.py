@@ -45,7 +45,7 @@ def set_op_backend(op: str, name: str) -> None:
     _op_backend[op] = name
 
 
-# Implementations an ``auto`` op chose by measuring them on this machine (``kernels.autotune``; the
+# Implementations an ``auto`` op chose by measuring them on this machine (``rnd1.kernels.autotune``; the
 # trainer measures at start-up). Consulted only while the op's backend is ``auto``.
 _op_impl: dict[str, str] = {}
 

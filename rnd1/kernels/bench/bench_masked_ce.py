@@ -1,8 +1,8 @@
 """Masked cross-entropy: the chunked reference (what CPU training runs) against the full-logits
 baseline, forward + backward, time and peak extra memory; Triton with do_bench on a GPU.
 
-    python -m kernels.bench.bench_masked_ce                       # N=8192, H=2048, V=151936, half selected
-    python -m kernels.bench.bench_masked_ce --n 2048 --v 32768    # quicker
+    python -m rnd1.kernels.bench.bench_masked_ce                       # N=8192, H=2048, V=151936, half selected
+    python -m rnd1.kernels.bench.bench_masked_ce --n 2048 --v 32768    # quicker
 
 Peak extra memory = the resident-set high-water mark during the first call (reset after the
 inputs exist) minus the resident set before it, each method in a fresh subprocess."""
@@ -16,7 +16,7 @@ import torch
 
 import time
 
-from kernels.bench.common import matmul_peak, median_time, peak_rss_mib, reset_peak_rss, rss_mib, run_isolated
+from rnd1.kernels.bench.common import matmul_peak, median_time, peak_rss_mib, reset_peak_rss, rss_mib, run_isolated
 
 
 def make_inputs(a):
@@ -31,7 +31,7 @@ def make_inputs(a):
 
 
 def method_fn(name, h, w, t, wt):
-    from kernels.masked_cross_entropy import masked_cross_entropy
+    from rnd1.kernels.masked_cross_entropy import masked_cross_entropy
 
     if name == "fused_reference":
         return lambda: masked_cross_entropy(h, w, t, wt, backend="reference").backward()
@@ -84,7 +84,7 @@ def main():
     if torch.cuda.is_available():
         import triton
 
-        from kernels.masked_cross_entropy import masked_cross_entropy
+        from rnd1.kernels.masked_cross_entropy import masked_cross_entropy
 
         h, w, t, wt = (x.cuda() for x in make_inputs(a))
         ms = triton.testing.do_bench(lambda: masked_cross_entropy(h, w, t, wt, backend="triton").backward())
@@ -97,7 +97,7 @@ def main():
     args = [f"--n={a.n}", f"--frac={a.frac}", f"--h={a.h}", f"--v={a.v}", f"--dtype={a.dtype}", f"--reps={a.reps}"]
     for m in ("full_logits", "fused_reference", "fused_reference_vocab_chunked", "torch_linear_cross_entropy"):
         try:
-            r = run_isolated("kernels.bench.bench_masked_ce", args + [f"--method={m}"])
+            r = run_isolated("rnd1.kernels.bench.bench_masked_ce", args + [f"--method={m}"])
         except RuntimeError as e:
             print(f"{m:>28}: failed ({str(e).strip().splitlines()[-1][:120]})")
             continue

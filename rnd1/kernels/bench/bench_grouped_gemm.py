@@ -2,7 +2,7 @@
 forward + backward: the reference (one mm per group), torch.nn.functional.grouped_mm, and a
 naive loop that masks the full batch per expert; on a GPU, the Triton kernel with do_bench.
 
-    python -m kernels.bench.bench_grouped_gemm [--rows 4096] [--dtype bfloat16]
+    python -m rnd1.kernels.bench.bench_grouped_gemm [--rows 4096] [--dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import argparse
 
 import torch
 
-from kernels.bench.common import matmul_peak, median_time
-from kernels.grouped_gemm import grouped_mm
+from rnd1.kernels.bench.common import matmul_peak, median_time
+from rnd1.kernels.grouped_gemm import grouped_mm
 
 
 def main():
@@ -46,7 +46,7 @@ def main():
         print(f"triton grouped GEMM fwd+bwd: {ms:.3f} ms, {flops / ms / 1e9:.1f} TFLOP/s "
               f"({flops / ms / 1e9 / 989:.1%} of H100 dense bf16 peak)")
         # Every candidate tile (forward and dW kernels alone), and the one the shape-keyed pick uses.
-        from kernels import grouped_gemm as gg
+        from rnd1.kernels import grouped_gemm as gg
 
         xd, wt, dyd = x.detach(), w.detach().transpose(1, 2), dy
         key = gg.shape_key(a.rows, a.groups, a.k, a.m)

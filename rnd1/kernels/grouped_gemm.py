@@ -22,11 +22,14 @@ import os
 
 import torch
 
-from kernels.backend import dot_precision, op_impl, resolve_backend
+from rnd1.kernels.backend import dot_precision, op_impl, resolve_backend
+from rnd1.kernels.interpreter_compat import patch_if_interpreting
 
 try:
     import triton
     import triton.language as tl
+
+    patch_if_interpreting()  # Triton <= 3.6's interpreter under NumPy >= 2.4 (interpreter_compat.py)
 except ImportError:  # pragma: no cover - triton is a declared dependency
     triton = None
 
@@ -55,8 +58,8 @@ IMPLS = ("grouped", "loop", "triton")  # what the op runs; "reference" means gro
 def grouped_mm_reference(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, impl: str = "grouped") -> torch.Tensor:
     """torch.nn.functional.grouped_mm when its layout rules allow (``impl="grouped"``; measured
     faster than a loop of per-group matmuls on this project's first CPU, at the debug and the
-    30B-A3B shapes: kernels/README.md), else (or with ``impl="loop"``) one torch.mm per
-    non-empty group. The backend ``auto`` picks between them by measuring (``kernels.autotune``)."""
+    30B-A3B shapes: rnd1/kernels/README.md), else (or with ``impl="loop"``) one torch.mm per
+    non-empty group. The backend ``auto`` picks between them by measuring (``rnd1.kernels.autotune``)."""
     if impl == "grouped" and _torch_grouped_mm_ok(x, w):
         return _zero_tail(torch.nn.functional.grouped_mm(x, w, offs=offs), offs)
     out = x.new_zeros(x.shape[0], w.shape[-1])
@@ -174,8 +177,8 @@ if triton is not None:
                  acc.to(dw_ptr.dtype.element_ty), mask=(rk[:, None] < K) & (rm[None, :] < M))
 
 
-# Tile configurations, from the JIT-specialised ahead-of-time report (`python -m kernels.aot`,
-# kernels/README.md) at Qwen3-30B-A3B per-rank shapes: every candidate below compiles for sm_90
+# Tile configurations, from the JIT-specialised ahead-of-time report (`python -m rnd1.kernels.aot`,
+# rnd1/kernels/README.md) at Qwen3-30B-A3B per-rank shapes: every candidate below compiles for sm_90
 # with no spills, a multi-stage cp.async pipeline, wgmma, and shared memory under the 227 KiB a
 # Hopper block may use. (128x256x64 with 4 warps spills; 128x128x128 with 4 stages needs 256 KiB.)
 GPU_CONFIGS = [
@@ -331,7 +334,7 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, backend: st
 
 def _implementation(backend: str, device) -> str:
     """The op's argument: ``triton``, ``reference`` (grouped where allowed), or ``loop``. An
-    ``auto`` backend with a measured choice (``kernels.backend.op_impl``) takes that choice."""
+    ``auto`` backend with a measured choice (``rnd1.kernels.backend.op_impl``) takes that choice."""
     if backend == "auto":
         chosen = op_impl("grouped_mm")
         if chosen is not None and (chosen != "triton" or torch.device(device).type == "cuda"):
@@ -374,8 +377,8 @@ AOT_SHAPE = dict(G=16, N=32768, K=2048, M=768, programs=132)
 
 def aot_specs(dtype: str = "bf16") -> list[tuple]:
     """(name, kernel, sample args, constexprs, num_warps, num_stages) for every kernel/config;
-    kernels/aot.py derives the JIT's specialisation from the sample args."""
-    from kernels.aot import DTYPES, SampleTensor
+    rnd1/kernels/aot.py derives the JIT's specialisation from the sample args."""
+    from rnd1.kernels.aot import DTYPES, SampleTensor
 
     dt = DTYPES[dtype]
     G, N, K, M = (AOT_SHAPE[k] for k in "GNKM")

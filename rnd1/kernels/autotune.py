@@ -52,7 +52,7 @@ def machine_key() -> str:
     if torch.cuda.is_available():
         dev = torch.cuda.get_device_name()
     else:
-        from kernels.cpu import cpu_info
+        from rnd1.kernels.cpu import cpu_info
 
         dev = cpu_info().key()
     return f"{dev} | {torch.get_num_threads()} threads | torch {torch.__version__}"

@@ -1,7 +1,7 @@
 """One-command GPU check of the kernels (issue 15, part 5).
 
-    python -m kernels.bench.gpu_check            # on one H100/H200: full per-rank shapes
-    python -m kernels.bench.gpu_check --tiny     # CPU, Triton interpreter, tiny shapes (CI)
+    python -m rnd1.kernels.bench.gpu_check            # on one H100/H200: full per-rank shapes
+    python -m rnd1.kernels.bench.gpu_check --tiny     # CPU, Triton interpreter, tiny shapes (CI)
 
 Sections, one table each:
 
@@ -41,7 +41,7 @@ def _tiny_requested(argv) -> bool:
 
 
 if __name__ == "__main__" and _tiny_requested(sys.argv[1:]) and os.environ.get("TRITON_INTERPRET") != "1":
-    # The interpreter is chosen when a kernel is decorated (import time of kernels/*.py) and
+    # The interpreter is chosen when a kernel is decorated (import time of rnd1/kernels/*.py) and
     # Triton may read the variable when it is imported: set it first, or start again with it.
     os.environ["TRITON_INTERPRET"] = "1"
     if "triton" in sys.modules:
@@ -58,13 +58,13 @@ import time  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from kernels import backend as kbackend  # noqa: E402
-from kernels.grouped_gemm import grouped_mm  # noqa: E402
-from kernels.masked_cross_entropy import masked_cross_entropy  # noqa: E402
-from kernels.token_dispatch import combine, dispatch  # noqa: E402
+from rnd1.kernels import backend as kbackend  # noqa: E402
+from rnd1.kernels.grouped_gemm import grouped_mm  # noqa: E402
+from rnd1.kernels.masked_cross_entropy import masked_cross_entropy  # noqa: E402
+from rnd1.kernels.token_dispatch import combine, dispatch  # noqa: E402
 
 # max|a - oracle| / max|oracle|, per dtype. Every kernel's fp32 tl.dot is IEEE while torch's
-# TF32 flags are off (the default, and this script does not turn them on: kernels.backend.
+# TF32 flags are off (the default, and this script does not turn them on: rnd1.kernels.backend.
 # dot_precision), so fp32 is held to fp32 accuracy.
 TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 # loss and gradient-norm agreement of one training step, Triton against reference backends
@@ -343,16 +343,10 @@ def measure_speed(probs_by_dtype, dev) -> None:
 # --------------------------------------------------------------------------- training
 def _set_backends(which: str) -> str:
     """Every kernel op to ``which`` ("triton" or "reference") through the project's switch: the
-    per-op settings the trainer sets from ``[kernels]`` (``kernels.backend.set_op_backend``), or,
-    on a tree that predates them, ``set_grouped_mm_backend`` plus the process default."""
+    per-op settings the trainer sets from ``[kernels]`` (``rnd1.kernels.backend.set_op_backend``)."""
     kbackend.set_default_backend(which)
-    if hasattr(kbackend, "set_op_backend"):
-        for op in kbackend.OPS:
-            kbackend.set_op_backend(op, which)
-    else:
-        from rnd1.model.grouped_mm import set_grouped_mm_backend
-
-        set_grouped_mm_backend("kernels" if which == "triton" else "loop")
+    for op in kbackend.OPS:
+        kbackend.set_op_backend(op, which)
     return which
 
 
@@ -421,7 +415,7 @@ def check_training(tiny: bool, dev) -> None:
           ["model", "dtype", "batch", "ref loss 0", "triton losses", "d loss0 / d gradnorm", "tol", "s", "result"],
           rows)
     if not uses_dispatch_kernels:
-        print("  note: rnd1.model.moe does not call kernels.token_dispatch (it has its own dispatcher), so the "
+        print("  note: rnd1.model.moe does not call rnd1.kernels.token_dispatch (it has its own dispatcher), so the "
               "dispatch/combine kernels are checked above only, not inside these steps.")
     print("  pass = losses finite, step-0 loss and gradient norm within tol of the reference backends, "
           "last loss below the first (same batch every step).")

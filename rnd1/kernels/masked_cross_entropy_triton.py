@@ -1,4 +1,4 @@
-"""Triton kernels of the masked cross-entropy (see ``kernels/masked_cross_entropy.py``).
+"""Triton kernels of the masked cross-entropy (see ``rnd1/kernels/masked_cross_entropy.py``).
 
 Rows are already gathered: only supervised positions reach the head.
 
@@ -17,7 +17,7 @@ write each output slice exactly once:
 
 FLOPs: 2NVH forward + 8NVH for the gradients (two logits recomputes, dh, dW); the extra 2NVH
 over a single-pass design buys the absence of atomics and of a [N, H] or [V, H] accumulator that
-is re-read per vocabulary tile (kernels/README.md argues the choice).
+is re-read per vocabulary tile (rnd1/kernels/README.md argues the choice).
 """
 
 from __future__ import annotations
@@ -28,7 +28,10 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.backend import dot_precision
+from rnd1.kernels.backend import dot_precision
+from rnd1.kernels.interpreter_compat import patch_if_interpreting
+
+patch_if_interpreting()  # Triton <= 3.6's interpreter under NumPy >= 2.4 (interpreter_compat.py)
 
 
 @triton.jit
@@ -93,7 +96,7 @@ def _grad_block_kernel(h_ptr, w_ptr, t_ptr, wt_ptr, lse_ptr, g_ptr, row0, n_rows
     tl.store(g_ptr + lr[:, None].to(tl.int64) * n_cols + lc[None, :], g.to(g_ptr.dtype.element_ty), mask=omask)
 
 
-# Chosen from the AOT register report: the largest tile with no spills on sm_90 (kernels/README.md).
+# Chosen from the AOT register report: the largest tile with no spills on sm_90 (rnd1/kernels/README.md).
 GPU_CONFIG = dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=32, num_warps=8, num_stages=2)
 INTERPRET_CONFIG = dict(BLOCK_N=16, BLOCK_V=16, BLOCK_H=16)
 # Elements of the gradient block buffer g (input dtype): 2^25 = 64 MiB in bf16 at most, whatever N and V.
