@@ -7,9 +7,18 @@ then the data of each file is copied into the parameters piece by piece. Per-exp
 ``mlp.experts.gate_proj [E, Im, H]``; the stacked transformers-5 in-memory layout
 (``mlp.experts.gate_up_proj [E, 2Im, H]``) is accepted as well.
 
+Each rank reads only the bytes it keeps (``safe_open(...).get_slice(name)[rows]``): the rows of
+dim 0 its FSDP shard holds, and of the per-expert tensors only those of its own EP experts (the
+others are never touched). At 30B on 64 ranks that is ~1/64 of the checkpoint per rank instead of
+all ~61 GB on every rank. ``load_state_dict_from_hf`` returns the bytes read (``ReadStats``);
+``rnd1.checkpoint.hf_plan.hf_read_plan`` predicts them from a config and a layout, without files.
+
 Export writes what released checkpoints look like (per-expert names, ``model.`` prefix, sharded
 safetensors + index, config.json) into a temporary folder renamed into place at the end, so a crash
-never leaves a half-written export that looks complete.
+never leaves a half-written export that looks complete. Sharded (FSDP / EP) parameters are not
+gathered whole on every rank: rank 0 receives, tensor by output tensor (one expert at a time), the
+rows each holder sends it, already in the output dtype, so rank 0 holds at most one output shard
+plus the tensor being assembled and the other ranks at most one of their own pieces.
 
 The model's separate [MASK] input embedding (``Qwen3.mask_embedding``) has no tensor of its own in
 these files: import fills it from the embedding table's mask row, export writes it into that row.
@@ -20,6 +29,7 @@ mask id is never a target, and samplers exclude it).
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -113,6 +123,22 @@ class _Piece:
         if self.row is not None:
             return t[self.row]
         return t if self.rows is None else t[:, self.rows[0]:self.rows[1]]
+
+    def source(self, window: tuple[int, int]) -> tuple[slice, ...] | None:
+        """The part of the checkpoint tensor to read for a rank that keeps rows ``window`` =
+        [lo, hi) of dim 0 of our parameter (None: nothing). Dim 0 of the parameter is the
+        checkpoint tensor's dim 0, except for an expert (a whole tensor, read only by the ranks
+        that own it) and the [MASK] row (dim 0 of our [H] row is dim 1 of the table)."""
+        lo, hi = window
+        if self.expert is not None:
+            return (slice(None),) if lo <= self.expert < hi else None
+        if lo >= hi:
+            return None
+        if self.row is not None:
+            return slice(self.row, self.row + 1), slice(lo, hi)
+        if self.rows is not None:
+            return slice(lo, hi), slice(*self.rows)
+        return (slice(lo, hi),)
 
 
 def _map_name(hf_name: str, shapes: dict[str, torch.Size], cfg: ModelConfig) -> tuple[list[_Piece], tuple] | None:
@@ -249,6 +275,79 @@ def _is_dtensor(t: torch.Tensor) -> bool:
     return type(t).__name__ == "DTensor"
 
 
+# ----------------------------------------------------------------------------- who holds which rows
+def _dim0_only(placements) -> bool:
+    """Placements that cut dim 0 only (FSDP's Shard(0), EP's Shard(0), FSDP over EP's
+    _StridedShard(0), HSDP's Replicate): a rank's part is then a range of dim-0 rows."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    return all(isinstance(pl, Replicate) or (isinstance(pl, (Shard, _StridedShard)) and pl.dim == 0)
+               for pl in placements)
+
+
+def rows_at(shape, mesh_shape, coordinate, placements) -> tuple[int, int]:
+    """Rows [lo, hi) of dim 0 that the rank at ``coordinate`` of a mesh of ``mesh_shape`` holds of
+    a tensor of global ``shape`` laid out by ``placements`` (dim 0 only). torch's own arithmetic
+    (the box DCP saves for that rank), so uneven shards come out as torch pads them; no process
+    group needed, so the exporter can ask for every rank and the read planner for any layout."""
+    from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset
+
+    local, offset = _compute_local_shape_and_global_offset(tuple(shape), tuple(mesh_shape), list(coordinate),
+                                                           placements)
+    return offset[0], offset[0] + local[0]
+
+
+def _param_window(p: torch.Tensor) -> tuple[int, int] | None:
+    """Rows [lo, hi) of dim 0 of parameter ``p`` that this rank keeps: all of a plain tensor; of a
+    DTensor cut on dim 0 only, its box from torch's ``compute_local_shape_and_global_offset``.
+    None for any other layout, whose tensors are then read whole (as before)."""
+    if p.dim() == 0:
+        return None
+    if not _is_dtensor(p):
+        return 0, p.shape[0]
+    if not _dim0_only(p.placements):
+        return None
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    local, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    if tuple(local) != tuple(p.to_local().shape):  # e.g. a rank outside the mesh: read whole, as before
+        return None
+    return offset[0], offset[0] + local[0]
+
+
+@dataclass
+class ReadStats:
+    """What one rank read from a checkpoint's files, returned by ``load_state_dict_from_hf`` so a
+    launcher can report it: ``bytes_read`` of tensor data (the slices it keeps; whole tensors on
+    the full-read paths), ``reads`` (slices or whole tensors read) and ``skipped`` (checkpoint
+    tensor pieces this rank does not keep and never touched, e.g. other EP ranks' experts)."""
+
+    bytes_read: int = 0
+    reads: int = 0
+    skipped: int = 0
+
+    def add(self, t: torch.Tensor) -> None:
+        self.bytes_read += t.numel() * t.element_size()
+        self.reads += 1
+
+
+def _read_rows(fh, hf_name: str, piece: _Piece, param: torch.Tensor, window: tuple[int, int],
+               stats: ReadStats) -> None:
+    """Read only the part of checkpoint tensor ``hf_name`` that this rank keeps of ``piece`` and
+    copy it into the parameter's local tensor (no full tensor, no communication)."""
+    src = piece.source(window)
+    if src is None:
+        stats.skipped += 1
+        return
+    t = fh.get_slice(hf_name)[src]
+    stats.add(t)
+    local = param.to_local() if _is_dtensor(param) else param
+    dest = local if piece.expert is None else local[piece.expert - window[0]]
+    with torch.no_grad():
+        dest.copy_(t.reshape(dest.shape))
+
+
 def copy_full_into(param: torch.Tensor, full: torch.Tensor) -> None:
     """Default per-tensor copy: plain parameters take the tensor; a DTensor keeps the slice its
     placements give this rank (computed locally from the full tensor, no communication)."""
@@ -276,23 +375,28 @@ def _check_config(path: Path, model: torch.nn.Module) -> None:
         raise HFCheckpointError(f"{path / CONFIG_NAME}: does not describe this model: " + ", ".join(diffs))
 
 
-def load_state_dict_from_hf(path: str | Path, model: torch.nn.Module, *, copy_fn: CopyFn | None = None) -> None:
-    """Load a HF checkpoint into an existing model, one shard in memory at a time.
+def load_state_dict_from_hf(path: str | Path, model: torch.nn.Module, *,
+                            copy_fn: CopyFn | None = None) -> ReadStats:
+    """Load a HF checkpoint into an existing model, one shard file open at a time; returns what
+    this rank read (``ReadStats``).
 
-    Without ``copy_fn`` plain parameters are filled in place (expert slices as they arrive) and
-    DTensor parameters keep their own slice. With ``copy_fn(our_name, full_tensor)`` the caller
-    copies what it owns (the model may then be on the meta device); per-expert tensors are first
-    assembled into the full stacked tensor, which is handed over once complete."""
+    Without ``copy_fn`` every rank reads only the rows it keeps: plain parameters are filled in
+    place, DTensor parameters cut on dim 0 (FSDP, EP, EP x FSDP, HSDP) take the rows of their own
+    shard and, of per-expert tensors, only their own experts (the others are not read at all).
+    DTensors laid out otherwise read whole tensors and keep their own slice. With
+    ``copy_fn(our_name, full_tensor)`` the caller copies what it owns (the model may then be on
+    the meta device); every tensor is read whole, and per-expert tensors are first assembled into
+    the full stacked tensor, which is handed over once complete."""
     path = Path(path)
     _check_config(path, model)
     cfg = model.config if isinstance(getattr(model, "config", None), ModelConfig) else model_config_from_hf(path)
     # canonical names: a trainer loads into blocks already wrapped for activation checkpointing
     # (and maybe compilation), whose parameter names carry the wrappers' segments
     plan = _plan(path, {canonical_name(n): p.shape for n, p in model.named_parameters()}, cfg)
-    _load(plan, path, model, copy_fn)
+    return _load(plan, path, model, copy_fn)
 
 
-def _load(plan: _Plan, path: Path, model: torch.nn.Module, copy_fn: CopyFn | None) -> None:
+def _load(plan: _Plan, path: Path, model: torch.nn.Module, copy_fn: CopyFn | None) -> ReadStats:
     params = {canonical_name(n): p for n, p in model.named_parameters()}
     shapes = {n: p.shape for n, p in params.items()}
     if copy_fn is None:
@@ -301,6 +405,10 @@ def _load(plan: _Plan, path: Path, model: torch.nn.Module, copy_fn: CopyFn | Non
             raise HFCheckpointError(f"cannot load {path} into parameters on the meta device "
                                     f"({_listing(meta, 'parameters')}): materialise the model "
                                     f"(to_empty) first or pass copy_fn")
+    # the rows of each parameter this rank keeps; parameters without one get whole tensors
+    windows = {} if copy_fn is not None else {n: w for n, p in params.items()
+                                              if (w := _param_window(p)) is not None}
+    stats = ReadStats()
     left = dict(plan.pieces_left)
     buffers: dict[str, torch.Tensor] = {}
 
@@ -328,13 +436,19 @@ def _load(plan: _Plan, path: Path, model: torch.nn.Module, copy_fn: CopyFn | Non
         try:
             with safe_open(str(f), framework="pt") as fh:
                 for hf_name, pieces in assign.items():
+                    if all(p.name in windows for p in pieces):
+                        for p in pieces:
+                            _read_rows(fh, hf_name, p, params[p.name], windows[p.name], stats)
+                        continue
                     t = fh.get_tensor(hf_name)
+                    stats.add(t)
                     for p in pieces:
                         deliver(p, p.take(t))
         except HFCheckpointError:
             raise
         except Exception as e:
             raise HFCheckpointError(f"{f}: cannot read tensor data (truncated or corrupt?): {e}") from e
+    return stats
 
 
 def load_pretrained(path: str | Path, attention: str = "causal", dtype: torch.dtype = torch.float32,
@@ -355,21 +469,15 @@ def load_pretrained(path: str | Path, attention: str = "causal", dtype: torch.dt
 
 
 # ----------------------------------------------------------------------------- writing
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
 def parse_size(size: int | str) -> int:
     """Bytes from an int or a string such as "5GB" (10^9) or "512MiB" (2^20), HF's convention."""
-    if isinstance(size, int) and not isinstance(size, bool):
-        value = size
-    else:
-        m = _SIZE_RE.match(str(size))
-        if not m:
-            raise HFCheckpointError(f"max_shard_size {size!r}: expected bytes as an int or a string "
-                                    f"like '5GB' or '500MiB'")
-        value = int(float(m[1]) * _UNITS[(m[2] or "").upper()])
+    from rnd1.tools.sizes import parse_bytes
+
+    try:
+        value = parse_bytes(size)
+    except ValueError:
+        raise HFCheckpointError(f"max_shard_size {size!r}: expected bytes as an int or a string "
+                                f"like '5GB' or '500MiB'") from None
     if value <= 0:
         raise HFCheckpointError(f"max_shard_size {size!r}: must be > 0 bytes")
     return value
@@ -397,18 +505,123 @@ def _hf_names(name: str, shape: torch.Size) -> list[tuple[str, int | None]]:
     return [(f"model.{name}", None)]
 
 
+def _sources(p: torch.Tensor) -> list[tuple[int, int, int]]:
+    """(global rank, lo, hi) of the ranks rank 0 gathers parameter ``p`` from: one per distinct
+    row range (the lowest rank holding it; HSDP replicas hold the same rows), in row order. A
+    plain tensor is rank 0's own; a DTensor whose mesh lacks rank 0 (an EP group of another
+    replica) is gathered from rank 0's group, so this rank sends nothing ([]). Every rank derives
+    the same list from the mesh alone: no communication, no deadlock."""
+    if not _is_dtensor(p):
+        return [(0, 0, p.shape[0])]
+    ranks = p.device_mesh.mesh
+    if not bool((ranks == 0).any()):
+        return []
+    held: dict[tuple[int, int], int] = {}
+    for coord in itertools.product(*(range(n) for n in ranks.shape)):
+        lo, hi = rows_at(p.shape, ranks.shape, coord, p.placements)
+        r = int(ranks[coord])
+        if hi > lo and r < held.get((lo, hi), r + 1):
+            held[(lo, hi)] = r
+    return sorted(((r, lo, hi) for (lo, hi), r in held.items()), key=lambda x: x[1])
+
+
+def _gather_rows(p: torch.Tensor, a: int, b: int, dtype: torch.dtype, sources, rank: int) -> torch.Tensor | None:
+    """Rows [a, b) of parameter ``p`` as a new CPU tensor in ``dtype`` on rank 0 (None elsewhere).
+    Each source rank sends its part, already in ``dtype``, point to point: rank 0 allocates only
+    the result (plus, on GPUs, one piece's receive buffer), the senders at most their own piece."""
+    import torch.distributed as dist
+
+    local = (p.to_local() if _is_dtensor(p) else p).detach()
+    out = torch.empty((b - a, *p.shape[1:]), dtype=dtype) if rank == 0 else None
+    for r, lo, hi in sources:
+        s, e = max(a, lo), min(b, hi)
+        if s >= e or rank not in (0, r):
+            continue
+        mine = local[s - lo:e - lo]
+        if rank == r == 0:
+            out[s - a:e - a].copy_(mine)
+        elif rank == r:
+            dist.send(mine.to(dtype).contiguous(), dst=0)
+        elif mine.device.type == "cpu":
+            dist.recv(out[s - a:e - a], src=r)
+        else:  # NCCL moves device tensors only
+            buf = torch.empty(out[s - a:e - a].shape, dtype=dtype, device=mine.device)
+            dist.recv(buf, src=r)
+            out[s - a:e - a].copy_(buf)
+    return out
+
+
 def _full(p: torch.Tensor) -> torch.Tensor:
-    """The whole tensor on the CPU (gathers DTensors: every rank must call)."""
+    """The whole tensor on the CPU (gathers DTensors: every rank must call). Only for DTensors
+    cut on other dims than 0, which the export cannot gather row by row."""
     t = p.detach()
     if _is_dtensor(t):
         t = t.full_tensor()
     return t.cpu()
 
 
-def _rank0() -> bool:
+def _rank() -> int:
     import torch.distributed as dist
 
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _rank0() -> bool:
+    return _rank() == 0
+
+
+class _Exporter:
+    """The tensors of an export, one output tensor at a time, in the same order on every rank.
+    Parameters cut on dim 0 (or plain) are gathered row range by row range to rank 0 (an expert
+    of a stacked parameter is one row); other DTensors fall back to ``full_tensor()``, cached for
+    their experts."""
+
+    def __init__(self, params: list[tuple[str, torch.Tensor]], dtype: torch.dtype | None, mask_row, mask_id: int):
+        self.params, self.dtype, self.mask_row, self.mask_id = params, dtype, mask_row, mask_id
+        self.rank = _rank()
+        self.sources: tuple[int, list] | None = None  # (param index, its _sources): one param at a time
+        self.cached: tuple[int, torch.Tensor] | None = None
+
+    def tensor(self, i: int, e: int | None) -> torch.Tensor | None:
+        """Output tensor of parameter ``i`` (expert ``e``) on rank 0; None on the other ranks."""
+        name, p = self.params[i]
+        dtype = self.dtype or p.dtype
+        if _is_dtensor(p) and not _dim0_only(p.placements):
+            return self._from_full(i, e, dtype)
+        if self.sources is None or self.sources[0] != i:
+            self.sources = (i, _sources(p))
+        a, b = (e, e + 1) if e is not None else (0, p.shape[0])
+        out = _gather_rows(p, a, b, dtype, self.sources[1], self.rank)
+        if out is None:
+            return None
+        if e is not None:
+            return out[0]
+        if self.mask_row is not None and canonical_name(name) == "embed_tokens.weight":
+            out[self.mask_id] = self.mask_row.to(p.dtype)
+        return out
+
+    def _from_full(self, i: int, e: int | None, dtype: torch.dtype) -> torch.Tensor | None:
+        name, p = self.params[i]
+        if self.cached is None or self.cached[0] != i:
+            self.cached = None
+            full = _full(p)
+            if self.mask_row is not None and canonical_name(name) == "embed_tokens.weight":
+                full = full.clone()  # on the CPU _full may share the parameter's storage
+                full[self.mask_id] = self.mask_row.to(full.dtype)
+            self.cached = (i, full.to(dtype))
+        if self.rank != 0:
+            return None
+        t = self.cached[1] if e is None else self.cached[1][e]
+        return t.clone().contiguous()  # own storage: safetensors refuses shared views
+
+
+def _gather_mask_row(p: torch.Tensor | None) -> torch.Tensor | None:
+    """The [MASK] row (``Qwen3.mask_embedding``) on rank 0, in its own dtype (a collective)."""
+    if p is None:
+        return None
+    if _is_dtensor(p) and not _dim0_only(p.placements):
+        return _full(p)
+    return _gather_rows(p, 0, p.shape[0], p.dtype, _sources(p), _rank())
 
 
 def save_pretrained(model: Qwen3, path: str | Path, max_shard_size: int | str = "5GB",
@@ -421,7 +634,9 @@ def save_pretrained(model: Qwen3, path: str | Path, max_shard_size: int | str = 
     content}, e.g. generation_config.json). Written to a temporary folder and renamed into place.
     Every file gets config.json's mode (safetensors alone would write 0600, unreadable to the
     group that reads the rest). With sharded (DTensor) parameters every rank must call; rank 0
-    writes."""
+    writes. Nothing is gathered whole: rank 0 receives each output tensor's rows (one expert at a
+    time) from the ranks holding them, so its tensor memory stays below one output shard plus one
+    output tensor and no rank ever holds the whole model."""
     cfg = getattr(model, "config", None)
     if not isinstance(cfg, ModelConfig):
         raise HFCheckpointError(f"save_pretrained: model has no ModelConfig .config (got {type(cfg).__name__})")
@@ -441,8 +656,7 @@ def save_pretrained(model: Qwen3, path: str | Path, max_shard_size: int | str = 
         raise HFCheckpointError(f"{path}: already exists and is not empty (pass overwrite=True)")
 
     # The [MASK] row goes into the table (gathered first: a collective, same order on every rank).
-    mask_row = {canonical_name(n): p for n, p in model.named_parameters()}.get(MASK_EMBEDDING)
-    mask_row = None if mask_row is None else _full(mask_row)
+    mask_row = _gather_mask_row({canonical_name(n): p for n, p in model.named_parameters()}.get(MASK_EMBEDDING))
     params = [(n, p) for n, p in model.named_parameters() if canonical_name(n) != MASK_EMBEDDING]
     entries = []  # (hf name, param index, expert, nbytes)
     for i, (name, p) in enumerate(params):
@@ -468,23 +682,21 @@ def save_pretrained(model: Qwen3, path: str | Path, max_shard_size: int | str = 
     try:
         n = len(shards)
         weight_map, total = {}, 0
-        cached: tuple[int, torch.Tensor] | None = None
+        # Rank 0 holds one output shard at a time (plus the tensor it is assembling); the other
+        # ranks only send their rows of each tensor (see _Exporter).
+        exporter = _Exporter(params, dtype, mask_row, cfg.mask_token_id)
         for s, shard in enumerate(shards):
             fname = WEIGHTS_NAME if n == 1 else f"model-{s + 1:05d}-of-{n:05d}.safetensors"
             tensors = {}
             for hf_name, i, e, nbytes in shard:
-                if cached is None or cached[0] != i:
-                    full = _full(params[i][1])
-                    if mask_row is not None and canonical_name(params[i][0]) == "embed_tokens.weight":
-                        full = full.clone()  # on the CPU _full may share the parameter's storage
-                        full[cfg.mask_token_id] = mask_row.to(full.dtype)
-                    cached = (i, full.to(dtype or params[i][1].dtype))
-                t = cached[1] if e is None else cached[1][e]
-                tensors[hf_name] = t.clone().contiguous()  # own storage: safetensors refuses shared views
+                t = exporter.tensor(i, e)
+                if t is not None:
+                    tensors[hf_name] = t
                 weight_map[hf_name] = fname
                 total += nbytes
             if write:
                 save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
+            del tensors
         if not write:
             return path
         if n > 1:
