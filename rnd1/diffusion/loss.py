@@ -22,6 +22,7 @@ from rnd1.diffusion.objective import Targets
 def weighted_ce_sum(hidden: torch.Tensor, head_weight: torch.Tensor, targets: Targets, *,
                     ce_backend: str = "auto") -> torch.Tensor:
     """sum over supervised outputs of weight * CE(head(hidden), target): a scalar."""
-    sel = targets.select
-    h = hidden[sel]  # [N, H]: only the supervised outputs
-    return masked_cross_entropy(h, head_weight, targets.targets[sel], targets.weights[sel], backend=ce_backend)
+    rows = targets.rows if targets.rows is not None else targets.select.flatten().nonzero().squeeze(1)
+    h = hidden.flatten(0, -2).index_select(0, rows)  # [N, H]: only the supervised outputs
+    return masked_cross_entropy(h, head_weight, targets.targets.flatten().index_select(0, rows),
+                                targets.weights.flatten().index_select(0, rows), backend=ce_backend)

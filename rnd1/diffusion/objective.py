@@ -46,13 +46,22 @@ class Targets:
     select: torch.Tensor  # [B, L] bool: outputs that reach the LM head
     targets: torch.Tensor  # [B, L] long: meaningful where select
     weights: torch.Tensor  # [B, L] float32: 1/t (or 1), 0 where not selected
+    rows: torch.Tensor | None = None  # [N] long: flat indices of ``select`` (``with_rows``)
 
     @property
     def num_targets(self) -> torch.Tensor:
         return self.select.sum()
 
+    def with_rows(self) -> "Targets":
+        """The selected outputs as flat indices, computed once where ``select`` lives (the host):
+        the loss then gathers a known number of rows, so the device never reports a count back
+        (a boolean index on CUDA is a host sync) and fake tensors, which hold no values, can run
+        the step (rnd1.tools.memory_estimate)."""
+        return Targets(self.select, self.targets, self.weights, self.select.flatten().nonzero().squeeze(1))
+
     def to(self, device) -> "Targets":
-        return Targets(self.select.to(device), self.targets.to(device), self.weights.to(device))
+        rows = None if self.rows is None else self.rows.to(device)
+        return Targets(self.select.to(device), self.targets.to(device), self.weights.to(device), rows)
 
 
 class Objective:

@@ -46,17 +46,24 @@ class StepResult:
     masked_frac: float  # this rank's fraction of masked tokens
 
 
-def run_step(model, objective: Objective, micro_batches: list[MicroBatch], *, mask_id: int,
-             samples_per_step: int, all_reduce=lambda t: t, backward: bool = True, aux_coef: float = 0.0,
-             aux_scale: float = 1.0, loss_scale: float = 1.0, autocast=nullcontext, ce_backend: str = "auto",
-             device: torch.device | str = "cpu") -> StepResult:
-    """Forward (and backward) over ``micro_batches``; returns global, detached totals.
+@dataclass
+class PreparedStep:
+    """The step's micro-batches after corruption, before any forward: what ``run_prepared`` needs.
+    Corruption runs on the host (noise keyed by sample index) and reads values; the forward and
+    backward do not, so ``rnd1.tools.memory_estimate`` prepares on real tensors and then runs
+    ``run_prepared`` on fake ones."""
 
-    ``all_reduce`` sums a tensor over data-parallel ranks (identity in one process);
-    ``aux_coef * aux_scale`` weighs each micro-batch's MoE load-balancing loss (training only;
-    the trainer sets ``aux_scale = 1 / (micro-batches x data-parallel ranks)``)."""
-    prepared = []
+    items: list[tuple]  # (x0, doc_ids, corruption, targets) per micro-batch
+    normaliser: torch.Tensor  # this rank's scored positions (float64), summed over micro-batches
+    masked_frac: float  # this rank's fraction of masked tokens
+
+
+def prepare_step(objective: Objective, micro_batches: list[MicroBatch], *, mask_id: int,
+                 samples_per_step: int) -> PreparedStep:
+    """Corrupt every micro-batch and compute its targets and this rank's normaliser."""
+    items = []
     normaliser = torch.zeros((), dtype=torch.float64)
+    masked = 0.0
     for mb in micro_batches:
         x0, sample_ids, doc_ids, loss_mask = mb.x0, mb.sample_ids, mb.doc_ids, mb.loss_mask
         # complementary masking (training only): every row twice, the second masked where the
@@ -66,14 +73,33 @@ def run_step(model, objective: Objective, micro_batches: list[MicroBatch], *, ma
             x0, sample_ids, doc_ids, loss_mask = pair_rows(x0, sample_ids, doc_ids, loss_mask)
         c = objective.corrupt(x0, mask_id, seed=mb.seed, sample_ids=sample_ids, samples_per_step=samples_per_step,
                               fixed_t=mb.fixed_t, loss_mask=loss_mask, complementary=pairs)
-        tg = objective.targets(x0, c)
+        tg = objective.targets(x0, c).with_rows()
         normaliser += objective.normaliser_count(x0, tg, loss_mask).double()
-        prepared.append((x0, doc_ids, c, tg))
-    denom = all_reduce(normaliser.float().to(device)).clamp_min(1.0)
+        masked += c.masked.float().mean().item() / len(micro_batches)
+        items.append((x0, doc_ids, c, tg))
+    return PreparedStep(items, normaliser, masked)
+
+
+def run_step(model, objective: Objective, micro_batches: list[MicroBatch], *, mask_id: int,
+             samples_per_step: int, **kwargs) -> StepResult:
+    """Forward (and backward) over ``micro_batches``; returns global, detached totals. The keyword
+    arguments are ``run_prepared``'s."""
+    return run_prepared(model, objective, prepare_step(objective, micro_batches, mask_id=mask_id,
+                                                       samples_per_step=samples_per_step), **kwargs)
+
+
+def run_prepared(model, objective: Objective, prepared: PreparedStep, *, all_reduce=lambda t: t,
+                 backward: bool = True, aux_coef: float = 0.0, aux_scale: float = 1.0, loss_scale: float = 1.0,
+                 autocast=nullcontext, ce_backend: str = "auto", device: torch.device | str = "cpu") -> StepResult:
+    """Forward (and backward) over prepared micro-batches.
+
+    ``all_reduce`` sums a tensor over data-parallel ranks (identity in one process);
+    ``aux_coef * aux_scale`` weighs each micro-batch's MoE load-balancing loss (training only;
+    the trainer sets ``aux_scale = 1 / (micro-batches x data-parallel ranks)``)."""
+    denom = all_reduce(prepared.normaliser.float().to(device)).clamp_min(1.0)
     ce_total = torch.zeros((), device=device)
     supervised = torch.zeros((), device=device)
-    masked = 0.0
-    for x0, doc_ids, c, tg in prepared:
+    for x0, doc_ids, c, tg in prepared.items:
         tg = tg.to(device)
         with autocast():
             hidden = objective.forward(model, c, x0, doc_ids, device=device, return_hidden=True)
@@ -86,6 +112,5 @@ def run_step(model, objective: Objective, micro_batches: list[MicroBatch], *, ma
             loss.backward()
         ce_total += ce.detach().float()
         supervised += tg.num_targets.float()
-        masked += c.masked.float().mean().item() / len(prepared)
     ce_global = all_reduce(ce_total)
-    return StepResult(ce_global / denom, ce_global, denom, all_reduce(supervised), masked)
+    return StepResult(ce_global / denom, ce_global, denom, all_reduce(supervised), prepared.masked_frac)
