@@ -276,11 +276,31 @@ class Kernels:
                                  "receiving side of the expert-parallel one)")
 
 
+def _memory_size(v):
+    from rnd1.tools.sizes import parse_bytes
+
+    try:
+        return None if parse_bytes(v) > 0 else "must be > 0"
+    except ValueError as e:
+        return str(e)
+
+
+@dataclass
+class Hardware:
+    """The cluster this config is written for. scripts/estimate_memory.py takes its defaults from
+    here (the test suite estimates every shipped config at them); the trainer says at start-up
+    when a launch differs."""
+    world_size: int = _f(0, "ranks the config is written for (0: not stated; the estimate then needs "
+                            "--world-size)", _nonneg)
+    device_memory: str = _f("80GiB", "memory of one accelerator, e.g. 80GiB (H100), 141GB (H200); a config "
+                                     "the estimate says does not fit it fails the test suite", _memory_size)
+
+
 SECTIONS: dict[str, type] = {
     "job": Job, "model": Model, "objective": Objective, "optimizer": Optimizer, "lr_schedule": LRSchedule,
     "training": Training, "data": Data, "checkpoint": Checkpoint, "parallelism": Parallelism,
     "compile": Compile, "activation_checkpoint": ActivationCheckpoint, "metrics": Metrics, "eval": Eval,
-    "kernels": Kernels,
+    "kernels": Kernels, "hardware": Hardware,
 }
 
 
@@ -300,6 +320,7 @@ class JobConfig:
     metrics: Metrics = field(default_factory=Metrics)
     eval: Eval = field(default_factory=Eval)
     kernels: Kernels = field(default_factory=Kernels)
+    hardware: Hardware = field(default_factory=Hardware)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -61,6 +61,9 @@ class Trainer:
         if cfg.checkpoint.export_hf_at_end:  # a bad export setting fails now, not after the whole run
             B.export_config(cfg, self.model_cfg, self.tokenizer)
         self.parallel = B.build_parallel_dims(cfg, env)
+        if cfg.hardware.world_size and cfg.hardware.world_size != env.world_size:
+            log0(env, f"hardware.world_size={cfg.hardware.world_size}: this config is written (and its memory "
+                      f"estimated) for {cfg.hardware.world_size} ranks; running on {env.world_size}")
         self.datasets = B.ensure_datasets(cfg, self.tokenizer, self.model_cfg, env)
         self.batch = B.batch_plan(cfg, self.parallel)
         B.set_kernel_backends(cfg)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -92,8 +93,12 @@ def test_kernels_import_nothing_from_the_rest_of_rnd1():
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
+    # built from a copy: setuptools writes build/ and *.egg-info/ beside the sources it builds
+    src = out / "src"
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".git", "outputs", "build", "*.egg-info",
+                                                               "__pycache__", ".pytest_cache"))
     proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                           "-w", str(out), str(REPO)], capture_output=True, text=True, timeout=600)
+                           "-w", str(out), str(src)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (whl,) = out.glob("rnd1-*.whl")
     return whl

@@ -370,7 +370,8 @@ def tuning_candidates(tokens: int, experts: int, hidden: int, inter: int, *, dty
 
 # --------------------------------------------------------------------------- ahead-of-time compile specs
 # Qwen3-30B-A3B per rank at EP 8: 16 local experts, hidden 2048 -> expert intermediate 768,
-# 32,768 routed rows (micro-batch 8 x 4096 tokens x top-8 / 8 ranks). Weights are the model's
+# 32,768 routed rows (what one EP rank receives per layer at the shipped micro-batch 1 x 4096 tokens x top-8,
+# balanced routing). Weights are the model's
 # [E, out, in] parameters passed transposed, so w [G, K, M] has unit stride along K.
 AOT_SHAPE = dict(G=16, N=32768, K=2048, M=768, programs=132)
 

@@ -71,9 +71,7 @@ class AllToAllDispatcher:
         # the one counts exchange of this layer: [ep * e_local] in (source rank, local expert) order
         recv_counts = funcol.wait_tensor(funcol.all_to_all_single(counts, None, None, self.group))
         recv_by_src = recv_counts.view(self.ep, e_local)
-        # the one host sync of this layer: send splits, receive splits (their sum is the total)
-        splits = torch.stack([counts.view(self.ep, e_local).sum(1), recv_by_src.sum(1)]).tolist()
-        send_splits, recv_splits = splits
+        send_splits, recv_splits = self.host_splits(counts.view(self.ep, e_local).sum(1), recv_by_src.sum(1))
         received = all_to_all(x_sorted, recv_splits, send_splits, self.group)
         # Regroup (source, expert) -> (expert, source): the grouped GEMM wants each expert contiguous.
         starts = torch.cumsum(recv_by_src.flatten(), 0) - recv_by_src.flatten()
@@ -90,6 +88,14 @@ class AllToAllDispatcher:
                 0, regroup, torch.arange(regroup.numel(), device=regroup.device))
             return gather_rows(received, regroup, ctx.inverse.unsqueeze(1), "triton"), local_offs, ctx
         return received.index_select(0, regroup), local_offs, ctx
+
+    def host_splits(self, send: torch.Tensor, recv: torch.Tensor) -> tuple[list[int], list[int]]:
+        """The one host sync of this layer: rows sent to and received from each EP rank, as the
+        Python ints ``all_to_all_single`` takes (their sums are the totals). A method of its own so
+        that ``rnd1.tools.memory_estimate`` can state the routing it assumes instead of reading
+        fake tensors, which hold no values."""
+        send_splits, recv_splits = torch.stack([send, recv]).tolist()
+        return send_splits, recv_splits
 
     def combine(self, y, ctx: _EPCtx):
         if ctx.backend == "triton":

@@ -9,14 +9,19 @@ validation and export. A rehearsal keeps all of those and changes only sizes:
 =====================  ==========================================================================
 model                  the ``debug`` preset (MoE) or ``debug_dense`` (dense), byte tokenizer
 initial weights        a pretrained config loads a tiny Hugging Face folder of that preset
-batch                  sequences of 64 tokens, 2 per micro-batch; 2 accumulation steps if the
-                       config sets a global batch (cluster configs accumulate), 1 otherwise
+batch                  sequences of 64 tokens, 2 per micro-batch and rank; 2 accumulation steps
+                       if the config sets a global batch (cluster configs accumulate), 1 otherwise
+                       (8 ranks: 32 sequences a step)
 length                 4 optimiser steps, in the config's own unit (steps or a token budget);
                        token counts (grafting switch, warmup, sqrt-LR base batch) scaled by the
                        same ratio, so the grafting switch still happens mid-run
-processes              EP e -> EP min(e, 2); a cluster preset runs on 2 x EP ranks (EP x FSDP,
-                       at most 4) or 2 ranks (FSDP); a debug preset on EP ranks (how its
-                       run_train.sh line starts it)
+processes              the config's own EP degree, on EP ranks: EP 8 runs as EP 8 on 8 processes,
+                       EP spanning every rank as on one 8-GPU node (the tiny MoE preset's 8 experts,
+                       one per rank); a cluster config without EP on 2 ranks (FSDP); a debug preset
+                       on EP ranks (how its run_train.sh line starts it). ``nproc`` / ``ep``
+                       (``--nproc`` / ``--ep``) pick another layout: ``ep=4, nproc=8`` is EP 4 x
+                       FSDP 2. The EP degree must divide the preset's 8 experts, the process
+                       count must be a multiple of it
 intervals              validation, task scoring and checkpoints every 2 steps; loss logged every step
 data                   one small byte-level dataset in place of each of the config's datasets; a
                        chat (SFT) config gets its own chat source tokenised with the byte tokenizer,
@@ -27,7 +32,11 @@ block diffusion        the block size as configured; its warm-up schedule's toke
 The reference is the same shrunken run in one process, eager, without expert parallelism: same
 global batch, same samples and masks (noise is keyed by global sample index), so its losses
 must match the rehearsal's up to float noise (bf16 noise when the config computes in bf16).
-``scripts/rehearse_config.py`` runs one config; ``tests/test_shipped_configs.py`` runs all.
+``scripts/rehearse_config.py`` runs one config; ``tests/test_shipped_configs.py`` runs all: the
+30B-A3B config (EP 8) at EP 8 on 8 processes and at EP 4 x FSDP 2 on 8 processes, both against
+one 1-process reference; every other config at its default layout when that takes at most 4
+processes, and the 30B recipes derived from it (EP 8 too; 8 processes would add ~25 s to CI for
+each of the six) at EP 2 x FSDP 2 on 4 processes.
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -44,7 +54,7 @@ from rnd1.config import JobConfig, load_config
 from rnd1.model.config import get_preset
 
 REPO = Path(__file__).resolve().parents[2]
-SEQ_LEN, MICRO_BATCH, STEPS, MAX_PROCS = 64, 2, 4, 4
+SEQ_LEN, MICRO_BATCH, STEPS = 64, 2, 4
 CHAT_SEQ_LEN = 256
 DEBUG_PRESETS = ("debug", "debug_dense")
 
@@ -68,21 +78,50 @@ def _config_total_tokens(cfg: JobConfig) -> float:
     return float(t.steps * per_step)
 
 
-def plan(config: str | Path, *, data: str | Path, pretrained: dict[str, str | Path], out: str | Path) -> Rehearsal:
-    """The shrunk overrides for ``config``. ``pretrained`` maps a tiny preset name to a Hugging
-    Face folder of it (see ``write_tiny_pretrained``)."""
+class PlanError(ValueError):
+    """A layout the rehearsal cannot run (one line: what and why)."""
+
+
+def layout(config: str | Path, *, nproc: int | None = None, ep: int | None = None) -> tuple[int, int]:
+    """(EP degree, processes) of the rehearsal of ``config``. The EP degree is the config's own;
+    ``ep`` overrides it (``ep=4, nproc=8``: EP 4 x FSDP 2). ``nproc`` defaults to the EP degree (EP
+    spans every rank, as EP 8 does on one 8-GPU node), or 2 (FSDP) for a cluster config without EP;
+    it must be a multiple of the EP degree (times the config's replicate degree)."""
     config = Path(config)
     cfg = load_config(config)
-    base = get_preset(cfg.model.name) if not cfg.model.hf_config else None
-    is_moe = base.is_moe if base is not None else True
-    preset = "debug" if is_moe else "debug_dense"
-    t, p, o, s = cfg.training, cfg.parallelism, cfg.objective, cfg.lr_schedule
+    p = cfg.parallelism
+    ep = p.expert_parallel_degree if ep is None else ep
+    if ep < 1:
+        raise PlanError(f"{config.name}: expert-parallel degree {ep} must be >= 1")
+    preset = _preset(cfg)
+    experts = get_preset(preset).num_experts
+    if ep > 1 and (not experts or experts % ep):
+        raise PlanError(f"{config.name}: EP {ep} does not divide the {experts} experts of the {preset!r} preset "
+                        f"the rehearsal trains")
+    rep = p.data_parallel_replicate_degree
+    if nproc is None:
+        nproc = ep * rep if ep > 1 or cfg.model.name in DEBUG_PRESETS else 2 * rep
+    if nproc < 1 or nproc % (ep * rep):
+        raise PlanError(f"{config.name}: {nproc} processes cannot hold EP {ep}"
+                        + (f" x {rep} replicas" if rep > 1 else "")
+                        + f": the process count must be a multiple of {ep * rep}")
+    return ep, nproc
 
-    ep = min(p.expert_parallel_degree, 2)
-    if cfg.model.name in DEBUG_PRESETS:
-        nproc = ep
-    else:
-        nproc = min(MAX_PROCS, 2 * ep) if ep > 1 else 2
+
+def _preset(cfg: JobConfig) -> str:
+    base = get_preset(cfg.model.name) if not cfg.model.hf_config else None
+    return "debug" if (base.is_moe if base is not None else True) else "debug_dense"
+
+
+def plan(config: str | Path, *, data: str | Path, pretrained: dict[str, str | Path], out: str | Path,
+         nproc: int | None = None, ep: int | None = None) -> Rehearsal:
+    """The shrunk overrides for ``config``. ``pretrained`` maps a tiny preset name to a Hugging
+    Face folder of it (see ``write_tiny_pretrained``); ``nproc`` and ``ep``: see ``layout``."""
+    config = Path(config)
+    cfg = load_config(config)
+    preset = _preset(cfg)
+    t, p, o, s = cfg.training, cfg.parallelism, cfg.objective, cfg.lr_schedule
+    ep, nproc = layout(config, nproc=nproc, ep=ep)
     accum = 2 if t.global_batch_tokens > 0 else 1
     gbt = MICRO_BATCH * SEQ_LEN * nproc * accum
     total = STEPS * gbt
@@ -211,7 +250,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("configs", nargs="+", help="TOML files under train_configs/")
     ap.add_argument("--out", default="", help="work folder (default: a temporary one)")
     ap.add_argument("--data", default="", help="a byte-level dataset folder (default: built from the stdlib)")
+    ap.add_argument("--nproc", type=int, default=None,
+                    help="processes (default: the EP degree, or 2 for a cluster config without EP)")
+    ap.add_argument("--ep", type=int, default=None,
+                    help="expert-parallel degree in place of the config's, e.g. --ep 4 --nproc 8: EP 4 x FSDP 2")
     args = ap.parse_args(argv)
+    try:  # a layout that cannot run: one line before any work
+        for c in args.configs:
+            layout(c, nproc=args.nproc, ep=args.ep)
+    except PlanError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     work = Path(args.out or tempfile.mkdtemp(prefix="rnd1-rehearsal-"))
     data = Path(args.data) if args.data else work / "data"
     if not (data / "meta.json").is_file():
@@ -221,7 +270,10 @@ def main(argv: list[str] | None = None) -> int:
     pretrained = {p: write_tiny_pretrained(p, work / f"pretrained_{p}") for p in DEBUG_PRESETS}
     failed = 0
     for c in args.configs:
-        r = plan(c, data=data, pretrained=pretrained, out=work / Path(c).stem)
+        r = plan(c, data=data, pretrained=pretrained, out=work / Path(c).stem, nproc=args.nproc, ep=args.ep)
+        ep = r.overrides["parallelism.expert_parallel_degree"]
+        for ov in (r.overrides, r.reference_overrides):  # a reused --out: no resume from an earlier rehearsal
+            shutil.rmtree(str(ov["job.dump_folder"]), ignore_errors=True)
         got = run(r.config, r.nproc, r.overrides)
         if got.returncode != 0:
             print(f"FAIL {c}: exit {got.returncode} on {r.nproc} processes\n{got.output[-3000:]}")
@@ -230,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
         ref = run(r.config, 1, r.reference_overrides)
         why = compare(got.losses, ref.losses, r.rel_tol) if ref.returncode == 0 else \
             f"reference run exited {ref.returncode}\n{ref.output[-3000:]}"
-        print(f"{'FAIL' if why else 'ok  '} {c}: {r.nproc} processes, losses {[round(x, 4) for x in got.losses]}"
+        print(f"{'FAIL' if why else 'ok  '} {c}: {r.nproc} processes (EP {ep}), "
+              f"losses {[round(x, 4) for x in got.losses]}"
               + (f": {why}" if why else f", reference {[round(x, 4) for x in ref.losses]}"))
         failed += bool(why)
     return 1 if failed else 0
