@@ -36,14 +36,16 @@ class Choice:
     chosen: str
     timings_ms: dict[str, float] = field(default_factory=dict)
     cached: bool = False
+    skipped: dict[str, str] = field(default_factory=dict)  # candidates that could not run, and why
 
     def line(self) -> str:
         """The one line a run logs for this choice."""
+        gone = f"; skipped {', '.join(f'{k} ({v})' for k, v in self.skipped.items())}" if self.skipped else ""
         if not self.timings_ms:
-            return f"autotune {self.op} [{self.key}]: {self.chosen} (the only candidate)"
+            return f"autotune {self.op} [{self.key}]: {self.chosen} (the only candidate{gone})"
         times = ", ".join(f"{k} {v:.3g} ms" for k, v in self.timings_ms.items())
         how = "cached" if self.cached else "measured"
-        return f"autotune {self.op} [{self.key}]: {self.chosen} ({how}: {times})"
+        return f"autotune {self.op} [{self.key}]: {self.chosen} ({how}: {times}{gone})"
 
 
 def machine_key() -> str:
@@ -63,11 +65,33 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _cannot_run() -> tuple[type[BaseException], ...]:
+    """Errors that mean "this candidate does not fit this device", not "this code is wrong": a
+    Triton config whose shared memory or registers exceed the GPU's (``OutOfResources``)."""
+    try:
+        from triton.runtime.errors import OutOfResources
+    except ImportError:  # pragma: no cover - triton is a declared dependency
+        return ()
+    return (OutOfResources,)
+
+
 def measure(candidates: dict[str, Callable[[], object]], *, budget_ms: float = 20.0, max_reps: int = 50,
-            device: str = "cpu") -> dict[str, float]:
-    """Median milliseconds per call of each candidate (warm-up first, then round-robin)."""
-    for fn in candidates.values():
-        fn()
+            device: str = "cpu", skipped: dict[str, str] | None = None) -> dict[str, float]:
+    """Median milliseconds per call of each candidate (warm-up first, then round-robin). A
+    candidate that cannot run on this device (``_cannot_run``) is left out and its reason put in
+    ``skipped``; if none can run, RuntimeError names them all."""
+    unfit = _cannot_run()
+    reasons: dict[str, str] = {}
+    for name, fn in candidates.items():
+        try:
+            fn()
+        except unfit as e:
+            reasons[name] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
+    if skipped is not None:
+        skipped.update(reasons)
+    candidates = {k: v for k, v in candidates.items() if k not in reasons}
+    if not candidates:
+        raise RuntimeError("autotune: no candidate can run here: " + "; ".join(f"{k} ({v})" for k, v in reasons.items()))
     _sync(device)
     samples: dict[str, list[float]] = {k: [] for k in candidates}
     spent = {k: 0.0 for k in candidates}
@@ -139,12 +163,13 @@ class Autotuner:
                 return Choice(op, key, entry["chosen"], entry.get("ms", {}), cached=True)
         if make is not None:
             candidates = make()
-        ms = measure(candidates, budget_ms=self.budget_ms, device=device)
+        skipped: dict[str, str] = {}
+        ms = measure(candidates, budget_ms=self.budget_ms, device=device, skipped=skipped)
         chosen = min(ms, key=ms.get)
         for store, path, required in ((self._cache, self.cache_file, True), (self._shared, self.shared_file, False)):
             store.setdefault(self.machine, {})[name] = {"chosen": chosen, "ms": ms}
             _write(path, store, required)
-        return Choice(op, key, chosen, ms)
+        return Choice(op, key, chosen, ms, skipped=skipped)
 
 
 def _write(path: Path | None, data: dict, required: bool) -> None:

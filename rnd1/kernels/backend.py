@@ -95,3 +95,16 @@ def dot_precision(dtype: torch.dtype) -> str:
         return "ieee" if dtype == torch.float64 else "tf32"  # 16-bit inputs: the flag is ignored
     tf32 = torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest"
     return "tf32" if tf32 else "ieee"
+
+
+def autocast_operands(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The matmul operands a Triton kernel should see under autocast: cast to the active autocast
+    dtype, as autocast casts a plain matmul's. Autocast never reaches into a custom op's Triton
+    kernel (torch ops inside the op's Python body are still autocast), so without this an fp32
+    parameter under bf16 autocast reached the kernel as fp32: IEEE fp32 on the FMA path, no tensor
+    cores. The cast is differentiable, so the gradient returns in the parameter's dtype."""
+    dev = tensors[0].device.type
+    if not torch.is_autocast_enabled(dev):
+        return tensors
+    dtype = torch.get_autocast_dtype(dev)
+    return tuple(t.to(dtype) if t.is_floating_point() else t for t in tensors)

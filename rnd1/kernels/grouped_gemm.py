@@ -22,7 +22,7 @@ import os
 
 import torch
 
-from rnd1.kernels.backend import dot_precision, op_impl, resolve_backend
+from rnd1.kernels.backend import autocast_operands, dot_precision, op_impl, resolve_backend
 from rnd1.kernels.interpreter_compat import patch_if_interpreting
 
 try:
@@ -41,11 +41,16 @@ def _torch_grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
             and (x.shape[1] * x.element_size()) % 16 == 0 and (w.shape[-1] * w.element_size()) % 16 == 0)
 
 
-def _zero_tail(t: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """Rows past the last offset are left uninitialised by grouped_mm: zero them. (This is the
-    CPU path, where reading offs[-1] costs nothing; usually there is no tail at all.)"""
+def _zero_tail(t: torch.Tensor, offs: torch.Tensor, on_host: bool | None = None) -> torch.Tensor:
+    """Rows past the last offset are left uninitialised by grouped_mm: zero them. On the CPU the
+    end row is read on the host (free; usually there is no tail at all). Elsewhere the rows are
+    masked on the device: reading ``offs[-1]`` there would stop the host until the GPU catches up,
+    nine times per MoE layer (three grouped GEMMs forward, six backward)."""
     if not offs.numel():
         return torch.zeros_like(t)
+    if not (t.device.type == "cpu" if on_host is None else on_host):
+        rows = torch.arange(t.shape[0], device=t.device)
+        return t.masked_fill_((rows >= offs[-1]).unsqueeze(1), 0)
     end = int(offs[-1])
     if end < t.shape[0]:
         t[end:] = 0
@@ -183,9 +188,17 @@ if triton is not None:
 # Hopper block may use. (128x256x64 with 4 warps spills; 128x128x128 with 4 stages needs 256 KiB.)
 GPU_CONFIGS = [
     dict(BLOCK_N=128, BLOCK_M=128, BLOCK_K=64, num_warps=8, num_stages=4),  # many rows per group
-    dict(BLOCK_N=64, BLOCK_M=128, BLOCK_K=64, num_warps=4, num_stages=4),  # few rows per group
-    dict(BLOCK_N=128, BLOCK_M=256, BLOCK_K=64, num_warps=8, num_stages=3),
+    dict(BLOCK_N=64, BLOCK_M=128, BLOCK_K=64, num_warps=4, num_stages=4,  # few rows per group
+         dtypes=("bfloat16", "float16")),  # in fp32 (IEEE, FMA path) it spills 8-87 stores
+    # spills in the M-contiguous (dx) layout: 17 spill stores on sm_90, 24 on sm_100 (issue 27's audit)
+    dict(BLOCK_N=128, BLOCK_M=256, BLOCK_K=64, num_warps=8, num_stages=3, layouts=("k",)),
     dict(BLOCK_N=128, BLOCK_M=64, BLOCK_K=128, num_warps=8, num_stages=3),
+    # fp32 operands (autocast off): IEEE dots on the FMA path want small K tiles; these three
+    # compile for sm_90 without spills in both layouts (tests/kernels/test_aot_compile.py), using
+    # 32-48 KiB of shared memory where the 16-bit tiles above would need 262-295 KB in fp32
+    dict(BLOCK_N=128, BLOCK_M=64, BLOCK_K=32, num_warps=8, num_stages=3, dtypes=("float32",)),
+    dict(BLOCK_N=64, BLOCK_M=128, BLOCK_K=32, num_warps=8, num_stages=3, dtypes=("float32",)),
+    dict(BLOCK_N=64, BLOCK_M=64, BLOCK_K=32, num_warps=4, num_stages=3, dtypes=("float32",)),
 ]
 DW_GPU_CONFIGS = [
     dict(BLOCK_N=64, BLOCK_M=128, BLOCK_K=128, num_warps=8, num_stages=3),
@@ -198,6 +211,13 @@ def config_name(kind: str, c: dict) -> str:
     return f"grouped_mm_{kind}_{c['BLOCK_N']}x{c['BLOCK_M']}x{c['BLOCK_K']}_w{c['num_warps']}s{c['num_stages']}"
 
 
+# Largest dynamic shared memory one block may opt into on H100 and B200 (227 KiB); on a CUDA
+# device its own figure is read (``shared_memory_limit``).
+SHARED_MEMORY_LIMIT = 232448
+LAYOUTS = ("k", "m")  # which dim of w [G, K, M] has unit stride: K (forward: the stored weight
+#                       transposed) or M (dx: the forward's w transposed back)
+
+
 def shape_key(N: int, G: int, K: int, M: int) -> tuple:
     """Bucket of a problem: mean rows per group rounded up to a power of two (capped at 1024),
     and K, M themselves (fixed per model projection)."""
@@ -205,40 +225,119 @@ def shape_key(N: int, G: int, K: int, M: int) -> tuple:
     return (min(1 << (rows - 1).bit_length(), 1024), K, M)
 
 
+def weight_layout(w: torch.Tensor) -> str:
+    return "k" if w.stride(1) == 1 else "m"
+
+
+def tile_key(kind: str, N: int, G: int, K: int, M: int, dtype: torch.dtype, layout: str) -> tuple:
+    """What a tile choice depends on: the kernel, the shape bucket, the operand dtype (fp32 tiles
+    need twice the shared memory of bf16 ones) and the weight layout (the same K, M in the two
+    layouts are different problems: the down projection's forward and gate/up's dx share K, M,
+    and a tile that is fine in one spills in the other)."""
+    return (kind, *shape_key(N, G, K, M), str(dtype).removeprefix("torch."), layout)
+
+
+def shared_bytes(kind: str, c: dict, itemsize: int) -> int:
+    """Shared memory of a config's software pipeline: one A and one B tile per stage (forward:
+    [BN, BK] and [BK, BM]; dW: [BK, BN] and [BN, BM])."""
+    inner = c["BLOCK_K"] if kind == "fwd" else c["BLOCK_N"]
+    return c["num_stages"] * (c["BLOCK_N"] * c["BLOCK_K"] + inner * c["BLOCK_M"]) * itemsize
+
+
+def shared_memory_limit(device=None) -> int:
+    if device is not None and torch.device(device).type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return int(getattr(props, "shared_memory_per_block_optin", SHARED_MEMORY_LIMIT))
+    return SHARED_MEMORY_LIMIT
+
+
+def candidates(key: tuple, limit: int = SHARED_MEMORY_LIMIT) -> tuple[list[dict], dict[str, str]]:
+    """The configs that can run ``key`` (a ``tile_key``), and why each other one cannot: its
+    shared memory at this dtype exceeds ``limit``, it spills in this layout (``layouts``), or it
+    is made for other dtypes (``dtypes``)."""
+    kind, _rows, _K, _M, dtype, layout = key
+    itemsize = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
+    ok, skipped = [], {}
+    for c in (GPU_CONFIGS if kind == "fwd" else DW_GPU_CONFIGS):
+        name = config_name(kind, c)
+        need = shared_bytes(kind, c, itemsize)
+        if need > limit:
+            skipped[name] = f"needs {need:,} B of shared memory in {dtype}, the limit is {limit:,}"
+        elif layout not in c.get("layouts", LAYOUTS):
+            skipped[name] = f"spills in the {layout}-contiguous weight layout"
+        elif dtype not in c.get("dtypes", (dtype,)):
+            skipped[name] = f"made for {'/'.join(c['dtypes'])}, not {dtype}"
+        else:
+            ok.append(c)
+    return ok, skipped
+
+
 def _pick_config(key: tuple, configs) -> dict:
-    """Deterministic choice by shape bucket: the first candidate (in preference order) whose row
-    tile is no taller than the mean rows per group (or is the shortest there is), and whose
-    column and K tiles do not exceed M and K when a candidate that fits exists."""
+    """Deterministic choice by shape bucket (``shape_key``): the first candidate (in preference
+    order) whose row tile is no taller than the mean rows per group (or is the shortest there is),
+    and whose column and K tiles do not exceed M and K when a candidate that fits exists."""
     rows, K, M = key
     fits = [c for c in configs if c["BLOCK_M"] <= max(M, 16) and c["BLOCK_K"] <= max(K, 16)] or list(configs)
     shortest = min(c["BLOCK_N"] for c in fits)
     return next(c for c in fits if c["BLOCK_N"] <= max(rows, shortest))
 
 
+# Tile choices measured at start-up (``tile_problems`` + ``rnd1.kernels.autotune``: rank 0 times,
+# every rank takes its answer), by ``tile_key``. Nothing is timed during training: a key not
+# measured gets the deterministic pick, the same on every rank.
 _TUNED: dict[tuple, dict] = {}
 
 
-def _autotune_enabled() -> bool:
-    """On CUDA the candidates are timed on first sight of a shape bucket (a slower first step,
-    then the fastest tile for the rest of the run). Never inside a CUDA-graph capture, where
-    timing cannot run; ``RND1_GROUPED_MM_AUTOTUNE=0`` keeps the deterministic shape-keyed pick
-    (one tile per bucket on every rank and every run)."""
-    if os.environ.get("RND1_GROUPED_MM_AUTOTUNE", "1") != "1":
-        return False
-    return torch.cuda.is_available() and not torch.cuda.is_current_stream_capturing()
+def set_tuned_tile(key: tuple, name: str | None) -> None:
+    """Record the measured config (by ``config_name``) for ``key``; None forgets it."""
+    if name is None:
+        _TUNED.pop(key, None)
+        return
+    configs = GPU_CONFIGS if key[0] == "fwd" else DW_GPU_CONFIGS
+    _TUNED[key] = next(c for c in configs if config_name(key[0], c) == name)
 
 
-def _choose(kind: str, key: tuple, configs, run) -> dict:
-    """The config for this bucket: the deterministic pick, or (autotune on, CUDA) the fastest
-    candidate by ``triton.testing.do_bench`` of ``run(cfg)``, cached per (kind, bucket)."""
-    if not _autotune_enabled():
-        return _pick_config(key, configs)
-    if (kind, key) not in _TUNED:
-        rows, K, M = key
-        cands = [c for c in configs if c["BLOCK_M"] <= max(M, 16) and c["BLOCK_K"] <= max(K, 16)] or list(configs)
-        times = [triton.testing.do_bench(lambda c=c: run(c)) for c in cands]
-        _TUNED[(kind, key)] = cands[min(range(len(cands)), key=times.__getitem__)]
-    return _TUNED[(kind, key)]
+def _choose(key: tuple, device=None) -> dict:
+    """The config for this problem: the measured one, else the deterministic pick among those
+    that fit (an fp32 problem never gets a tile that needs more shared memory than a block has)."""
+    tuned = _TUNED.get(key)
+    if tuned is not None:
+        return tuned
+    ok, skipped = candidates(key, shared_memory_limit(device))
+    if not ok:
+        raise RuntimeError(f"grouped_mm: no tile config fits {key}: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
+    return _pick_config(key[1:4], ok)
+
+
+def tile_problems(rows: int, experts: int, hidden: int, inter: int, dtype: torch.dtype) -> list[tuple]:
+    """Every grouped GEMM one SwiGLU expert layer runs, as ``tile_key``s: forward of gate/up
+    (K = hidden, M = inter) and down (K = inter, M = hidden) with K-contiguous weights, their dx
+    with M-contiguous weights, and the dW kernels."""
+    return [tile_key("fwd", rows, experts, hidden, inter, dtype, "k"),
+            tile_key("fwd", rows, experts, inter, hidden, dtype, "k"),
+            tile_key("fwd", rows, experts, inter, hidden, dtype, "m"),  # gate/up dx
+            tile_key("fwd", rows, experts, hidden, inter, dtype, "m"),  # down dx
+            tile_key("dw", rows, experts, hidden, inter, dtype, "k"),
+            tile_key("dw", rows, experts, inter, hidden, dtype, "k")]
+
+
+def tile_candidates(key: tuple, rows: int, experts: int, device="cuda", seed: int = 0) -> dict:
+    """{config name: a call running that config on ``key``'s problem}: what the start-up tuner
+    times. Configs that cannot fit are left out; one that still fails to launch
+    (``OutOfResources``) is dropped by ``rnd1.kernels.autotune.measure`` and logged."""
+    kind, _bucket, K, M, dtype, layout = key
+    dt = getattr(torch, dtype)
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(rows, K, generator=g) * 0.1).to(device, dt)
+    stored = (torch.randn(experts, M, K, generator=g) * 0.02).to(device, dt)  # [G, M, K]
+    w = stored.transpose(1, 2) if layout == "k" else stored.reshape(experts, K, M)
+    offs = torch.linspace(0, rows, experts + 1)[1:].round().to(torch.int32).to(device)
+    dy = (torch.randn(rows, M, generator=g) * 0.1).to(device, dt)
+    ok, _ = candidates(key, shared_memory_limit(device))
+    if kind == "fwd":
+        return {config_name(kind, c): (lambda c=c: grouped_mm_triton(x, w, offs, config=c)) for c in ok}
+    return {config_name(kind, c): (lambda c=c: grouped_mm_dw_triton(x, dy, offs, experts, config=c, like=w))
+            for c in ok}
 
 
 def _interpreting() -> bool:
@@ -251,15 +350,12 @@ def grouped_mm_triton(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, conf
     y = torch.empty(N, M, dtype=x.dtype, device=x.device)  # the kernel writes every row, tail included
     programs = 4 if _interpreting() else torch.cuda.get_device_properties(x.device).multi_processor_count
     offs = offs.to(torch.int32)
-
-    def run(cfg):
-        _grouped_mm_kernel[(programs,)](x, w, y, offs, G, N, M, K, x.stride(0), x.stride(1), w.stride(0),
-                                        w.stride(1), w.stride(2), y.stride(0), y.stride(1), NUM_PROGRAMS=programs,
-                                        PRECISION=dot_precision(x.dtype), **cfg)
-
     if config is None:
-        config = INTERPRET_CONFIG if _interpreting() else _choose("fwd", shape_key(N, G, K, M), GPU_CONFIGS, run)
-    run(dict(config))
+        config = (INTERPRET_CONFIG if _interpreting()
+                  else _choose(tile_key("fwd", N, G, K, M, x.dtype, weight_layout(w)), x.device))
+    _grouped_mm_kernel[(programs,)](x, w, y, offs, G, N, M, K, x.stride(0), x.stride(1), w.stride(0),
+                                    w.stride(1), w.stride(2), y.stride(0), y.stride(1), NUM_PROGRAMS=programs,
+                                    PRECISION=dot_precision(x.dtype), **_launch(config))
     return y
 
 
@@ -268,17 +364,19 @@ def grouped_mm_dw_triton(x, dy, offs, G, config: dict | None = None, like: torch
     K, M = x.shape[1], dy.shape[1]
     dw = torch.empty_like(like) if like is not None else torch.empty(G, K, M, dtype=x.dtype, device=x.device)
     offs = offs.to(torch.int32)
-
-    def run(cfg):
-        grid = (G, triton.cdiv(K, cfg["BLOCK_K"]), triton.cdiv(M, cfg["BLOCK_M"]))
-        _grouped_mm_dw_kernel[grid](x, dy, dw, offs, M, K, x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
-                                    dw.stride(0), dw.stride(1), dw.stride(2), PRECISION=dot_precision(x.dtype), **cfg)
-
     if config is None:
         config = (INTERPRET_CONFIG if _interpreting()
-                  else _choose("dw", shape_key(x.shape[0], G, K, M), DW_GPU_CONFIGS, run))
-    run(dict(config))
+                  else _choose(tile_key("dw", x.shape[0], G, K, M, x.dtype, weight_layout(dw)), x.device))
+    grid = (G, triton.cdiv(K, config["BLOCK_K"]), triton.cdiv(M, config["BLOCK_M"]))
+    _grouped_mm_dw_kernel[grid](x, dy, dw, offs, M, K, x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
+                                dw.stride(0), dw.stride(1), dw.stride(2), PRECISION=dot_precision(x.dtype),
+                                **_launch(config))
     return dw
+
+
+def _launch(config: dict) -> dict:
+    """A config's launch arguments (its ``layouts`` and ``dtypes`` notes are for the chooser)."""
+    return {k: v for k, v in config.items() if k not in ("layouts", "dtypes")}
 
 
 # --------------------------------------------------------------------------- custom op + autograd
@@ -329,7 +427,10 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, backend: st
     if x.dim() != 2 or w.dim() != 3 or x.shape[1] != w.shape[1] or offs.shape != (w.shape[0],):
         raise ValueError(f"grouped_mm: expected x [N, K], w [G, K, M], offs [G]; got {tuple(x.shape)}, "
                          f"{tuple(w.shape)}, {tuple(offs.shape)}")
-    return _grouped_mm_op(x, w, offs, _implementation(backend, x.device))
+    impl = _implementation(backend, x.device)
+    if impl == "triton":
+        x, w = autocast_operands(x, w)
+    return _grouped_mm_op(x, w, offs, impl)
 
 
 def _implementation(backend: str, device) -> str:
@@ -393,6 +494,8 @@ def aot_specs(dtype: str = "bf16") -> list[tuple]:
               sdn=y.stride(0), sdm=y.stride(1), swg=w_t.stride(0), swk=w_t.stride(2), swm=w_t.stride(1))
     out = []
     for c in GPU_CONFIGS:
+        if str(dt).removeprefix("torch.") not in c.get("dtypes", (str(dt).removeprefix("torch."),)):
+            continue
         ce = {"NUM_PROGRAMS": AOT_SHAPE["programs"], **{k: v for k, v in c.items() if k.startswith("BLOCK")},
               "PRECISION": "ieee" if dtype == "fp32" else "tf32"}
         out.append((config_name("fwd", c), _grouped_mm_kernel, fwd, ce, c["num_warps"], c["num_stages"]))

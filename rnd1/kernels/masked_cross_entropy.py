@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from rnd1.kernels.backend import resolve_backend
+from rnd1.kernels.backend import autocast_operands, resolve_backend
 
 DEFAULT_CHUNK_TOKENS = 256
 CHUNK_CANDIDATES = (128, 256, 512, 1024, 2048)  # what ``auto`` measures (rnd1.kernels.autotune)
@@ -211,6 +211,8 @@ def masked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
                          f"{tuple(weights.shape)} must be [N] with N = {hidden.shape[0]}")
     targets, weights = _mask_rows(targets, weights, select, ignore_index)
     backend = resolve_backend(backend, hidden.device)
+    if backend == "triton":
+        hidden, weight = autocast_operands(hidden, weight)
     if not (torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)):
         # no_grad / inference_mode / frozen inputs: loss only, no gradient pass and no dW buffer
         # (ctx.needs_input_grad inside a Function ignores grad mode)

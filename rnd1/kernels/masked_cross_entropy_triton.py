@@ -30,6 +30,7 @@ import triton.language as tl
 
 from rnd1.kernels.backend import dot_precision
 from rnd1.kernels.interpreter_compat import patch_if_interpreting
+from rnd1.kernels.offsets import row_offset
 
 patch_if_interpreting()  # Triton <= 3.6's interpreter under NumPy >= 2.4 (interpreter_compat.py)
 
@@ -41,8 +42,8 @@ def _logits_tile(h_ptr, w_ptr, rows, rmask, cols, cmask, H, BLOCK_N: tl.constexp
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
     for h0 in range(0, H, BLOCK_H):
         hk = h0 + tl.arange(0, BLOCK_H)
-        a = tl.load(h_ptr + rows[:, None] * H + hk[None, :], mask=rmask[:, None] & (hk[None, :] < H), other=0.0)
-        b = tl.load(w_ptr + cols[None, :] * H + hk[:, None], mask=cmask[None, :] & (hk[:, None] < H), other=0.0)
+        a = tl.load(h_ptr + row_offset(rows[:, None], H) + hk[None, :], mask=rmask[:, None] & (hk[None, :] < H), other=0.0)
+        b = tl.load(w_ptr + row_offset(cols[None, :], H) + hk[:, None], mask=cmask[None, :] & (hk[:, None] < H), other=0.0)
         acc += tl.dot(a, b, input_precision=PRECISION)
     return acc
 
@@ -93,7 +94,7 @@ def _grad_block_kernel(h_ptr, w_ptr, t_ptr, wt_ptr, lse_ptr, g_ptr, row0, n_rows
     g = wt[:, None] * (p - tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0))
     omask = rmask[:, None] & cmask[None, :]
     g = tl.where(omask, g, 0.0)
-    tl.store(g_ptr + lr[:, None].to(tl.int64) * n_cols + lc[None, :], g.to(g_ptr.dtype.element_ty), mask=omask)
+    tl.store(g_ptr + row_offset(lr[:, None], n_cols) + lc[None, :], g.to(g_ptr.dtype.element_ty), mask=omask)
 
 
 # Chosen from the AOT register report: the largest tile with no spills on sm_90 (rnd1/kernels/README.md).

@@ -30,6 +30,7 @@ try:
     import triton.language as tl
 
     patch_if_interpreting()  # Triton <= 3.6's interpreter under NumPy >= 2.4 (interpreter_compat.py)
+    from rnd1.kernels.offsets import row_offset
 except ImportError:  # pragma: no cover
     triton = None
 
@@ -101,8 +102,8 @@ if triton is not None:
         safe = tl.where(valid, src, 0)
         for h0 in range(0, H, BLOCK_H):
             cols = h0 + tl.arange(0, BLOCK_H)
-            v = tl.load(x_ptr + safe * H + cols, mask=cols < H, other=0.0)
-            tl.store(out_ptr + row * H + cols, tl.where(valid, v, tl.zeros_like(v)), mask=cols < H)
+            v = tl.load(x_ptr + row_offset(safe, H) + cols, mask=cols < H, other=0.0)
+            tl.store(out_ptr + row_offset(row, H) + cols, tl.where(valid, v, tl.zeros_like(v)), mask=cols < H)
 
     @triton.jit
     def _combine_kernel(y_ptr, pos_ptr, w_ptr, out_ptr, H, K: tl.constexpr, BLOCK_H: tl.constexpr):
@@ -111,26 +112,26 @@ if triton is not None:
             cols = h0 + tl.arange(0, BLOCK_H)
             acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
             for j in range(K):
-                p = tl.load(pos_ptr + t * K + j)
-                wt = tl.load(w_ptr + t * K + j).to(tl.float32)
-                acc += wt * tl.load(y_ptr + p * H + cols, mask=cols < H, other=0.0).to(tl.float32)
-            tl.store(out_ptr + t * H + cols, acc.to(out_ptr.dtype.element_ty), mask=cols < H)
+                p = tl.load(pos_ptr + row_offset(t, K) + j)
+                wt = tl.load(w_ptr + row_offset(t, K) + j).to(tl.float32)
+                acc += wt * tl.load(y_ptr + row_offset(p, H) + cols, mask=cols < H, other=0.0).to(tl.float32)
+            tl.store(out_ptr + row_offset(t, H) + cols, acc.to(out_ptr.dtype.element_ty), mask=cols < H)
 
     @triton.jit
     def _combine_bwd_kernel(g_ptr, y_ptr, pos_ptr, w_ptr, dy_ptr, dw_ptr, H, K: tl.constexpr,
                             BLOCK_H: tl.constexpr):
         t = tl.program_id(0)
         for j in range(K):
-            p = tl.load(pos_ptr + t * K + j)
-            wt = tl.load(w_ptr + t * K + j).to(tl.float32)
+            p = tl.load(pos_ptr + row_offset(t, K) + j)
+            wt = tl.load(w_ptr + row_offset(t, K) + j).to(tl.float32)
             dot = tl.zeros((BLOCK_H,), dtype=tl.float32)
             for h0 in range(0, H, BLOCK_H):
                 cols = h0 + tl.arange(0, BLOCK_H)
-                g = tl.load(g_ptr + t * H + cols, mask=cols < H, other=0.0).to(tl.float32)
-                yv = tl.load(y_ptr + p * H + cols, mask=cols < H, other=0.0).to(tl.float32)
-                tl.store(dy_ptr + p * H + cols, (wt * g).to(dy_ptr.dtype.element_ty), mask=cols < H)
+                g = tl.load(g_ptr + row_offset(t, H) + cols, mask=cols < H, other=0.0).to(tl.float32)
+                yv = tl.load(y_ptr + row_offset(p, H) + cols, mask=cols < H, other=0.0).to(tl.float32)
+                tl.store(dy_ptr + row_offset(p, H) + cols, (wt * g).to(dy_ptr.dtype.element_ty), mask=cols < H)
                 dot += g * yv
-            tl.store(dw_ptr + t * K + j, tl.sum(dot, axis=0))
+            tl.store(dw_ptr + row_offset(t, K) + j, tl.sum(dot, axis=0))
 
 
 BLOCK_H = 1024

@@ -234,6 +234,15 @@ def autotune_kernels(cfg, mcfg: ModelConfig, batch: "BatchPlan", dims: ParallelD
         key = f"rows {n}, experts {experts}, hidden {mcfg.hidden_size}, inter {mcfg.moe_intermediate_size}, {dtype}"
         jobs.append(("grouped_mm", key, lambda: grouped_gemm.tuning_candidates(
             n, experts, mcfg.hidden_size, mcfg.moe_intermediate_size, dtype=dtype, device=env.device)))
+    if mcfg.is_moe and env.device.type == "cuda" and grouped_gemm.triton is not None:
+        # The Triton grouped GEMM's tiles, per problem of one expert layer: measured by rank 0
+        # here, never during training (ranks would otherwise tune different buckets and could
+        # pick different tiles); a problem not measured gets the deterministic pick.
+        experts = mcfg.num_experts // max(dims.ep, 1)
+        n = rows * mcfg.num_experts_per_tok
+        for tkey in grouped_gemm.tile_problems(n, experts, mcfg.hidden_size, mcfg.moe_intermediate_size, dtype):
+            jobs.append(("grouped_mm_tile", " ".join(map(str, tkey)),
+                         lambda tkey=tkey: grouped_gemm.tile_candidates(tkey, n, experts, env.device)))
     if k.cross_entropy == "auto" and env.device.type == "cpu":  # the Triton kernel tiles by itself
         n = max(1, rows // 2 if objective.masks else rows)  # diffusion: about half the rows are supervised
         key = f"rows {n}, hidden {mcfg.hidden_size}, vocab {mcfg.vocab_size}, {dtype}"
@@ -264,9 +273,12 @@ def autotune_kernels(cfg, mcfg: ModelConfig, batch: "BatchPlan", dims: ParallelD
             lines.append(choice.line())
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast_object_list(answers, src=0)
-    for (op, *_), chosen in zip(jobs, answers):
+    for (op, key, *_), chosen in zip(jobs, answers):
         if op == "grouped_mm":
             set_op_impl("grouped_mm", chosen)
+        elif op == "grouped_mm_tile":
+            kind, rows_bucket, K, M, dt, layout = key.split()
+            grouped_gemm.set_tuned_tile((kind, int(rows_bucket), int(K), int(M), dt, layout), chosen)
         elif op == "adamw":
             set_adamw_implementation(optimizer, chosen)
         else:

@@ -94,3 +94,36 @@ def test_grouped_gemm_row_and_group_offsets_are_int64():
     assert len(lines) >= 4
     assert all(l[1] == "True" for l in lines), lines
     assert all(l[2] == "True" for l in lines if "_fwd_" in l[0]), lines
+
+
+def test_every_tile_the_chooser_may_pick_compiles_without_spills_in_both_layouts_and_dtypes():
+    """For each weight layout (K-contiguous: forward; M-contiguous: dx) and operand dtype, every
+    config ``grouped_gemm.candidates`` lets through compiles for sm_90 without spills and within
+    a block's shared memory. Before, any config could be picked for any layout and dtype: the
+    128x256x64 tile spills in the dx layout (17 stores, 72 B of stack), and three fp32 tiles need
+    262-295 KB of shared memory."""
+    out = _run(
+        "import json, torch\n"
+        "from rnd1.kernels.aot import SampleTensor, compile_spec, resource_usage\n"
+        "from rnd1.kernels import grouped_gemm as gg\n"
+        "G, N = 16, 32768\n"
+        "rows = []\n"
+        "for dt, prec in ((torch.bfloat16, 'tf32'), (torch.float32, 'ieee')):\n"
+        "  for layout in ('k', 'm'):\n"
+        "    for K, M in ((2048, 768), (768, 2048)):\n"
+        "      x, y = SampleTensor(dt, (N, K)), SampleTensor(dt, (N, M))\n"
+        "      w = SampleTensor(dt, (G, M, K) if layout == 'k' else (G, K, M))\n"
+        "      swk, swm = (w.stride(2), w.stride(1)) if layout == 'k' else (w.stride(1), w.stride(2))\n"
+        "      args = dict(x_ptr=x, w_ptr=w, y_ptr=y, offs_ptr=SampleTensor(torch.int32, (G,)), G=G, N=N, M=M, K=K,\n"
+        "                  sxn=x.stride(0), sxk=x.stride(1), swg=w.stride(0), swk=swk, swm=swm, syn=y.stride(0), sym=y.stride(1))\n"
+        "      ok, skipped = gg.candidates(gg.tile_key('fwd', N, G, K, M, dt, layout))\n"
+        "      for c in ok:\n"
+        "        ce = {'NUM_PROGRAMS': 132, **{k: v for k, v in c.items() if k.startswith('BLOCK')}, 'PRECISION': prec}\n"
+        "        r = resource_usage(compile_spec((gg.config_name('fwd', c), gg._grouped_mm_kernel, args, ce,\n"
+        "                                         c['num_warps'], c['num_stages']), 90))\n"
+        "        rows.append([str(dt), layout, K, M, gg.config_name('fwd', c), r['spill_stores'], r['fits_shared']])\n"
+        "print(json.dumps(rows))\n")
+    rows = json.loads(out.strip().splitlines()[-1])
+    assert rows and {(r[0], r[1]) for r in rows} == {(d, l) for d in ("torch.bfloat16", "torch.float32") for l in "km"}
+    bad = [r for r in rows if r[5] or not r[6]]
+    assert not bad, bad

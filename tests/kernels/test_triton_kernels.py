@@ -344,20 +344,3 @@ def test_fp32_dot_precision_follows_torch_tf32_flag():
     finally:
         torch.set_float32_matmul_precision(before)
     assert dot_precision(torch.float16) == "tf32" and dot_precision(torch.float64) == "ieee"
-
-
-def test_grouped_mm_autotune_only_on_cuda_and_can_be_switched_off(monkeypatch):
-    """Timing candidates needs a GPU (and no CUDA-graph capture); the interpreter and CPU always
-    take the deterministic shape-keyed pick."""
-    from rnd1.kernels import grouped_gemm as gg
-
-    monkeypatch.setattr(gg.torch.cuda, "is_available", lambda: False)
-    assert not gg._autotune_enabled()
-    monkeypatch.setattr(gg.torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(gg.torch.cuda, "is_current_stream_capturing", lambda: False)
-    assert gg._autotune_enabled()
-    monkeypatch.setattr(gg.torch.cuda, "is_current_stream_capturing", lambda: True)
-    assert not gg._autotune_enabled()
-    monkeypatch.setattr(gg.torch.cuda, "is_current_stream_capturing", lambda: False)
-    monkeypatch.setenv("RND1_GROUPED_MM_AUTOTUNE", "0")
-    assert not gg._autotune_enabled()
