@@ -137,14 +137,16 @@ def report_rows(arch: int = 90, dtype: str = "bf16") -> list[dict]:
 
 def main(arch: int = 90) -> int:
     mma = "tcgen05" if arch >= 100 else "wgmma"
-    print(f"| kernel (bf16, sm_{arch}) | warps | stages | registers | spill stores | stack (B) | shared (B) | "
-          f"{mma} | cp.async | TMA | JIT-specialised |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
     yn = lambda b: "yes" if b else "no"  # noqa: E731
-    for r in report_rows(arch):
-        print(f"| {r['name']} | {r['warps']} | {r['num_stages']} | {r['registers']} | {r['spill_stores']} | "
-              f"{r['stack_bytes']} | {r['shared_bytes']} | {yn(r[mma])} | {yn(r['cp_async'])} | {yn(r['tma'])} | "
-              f"{'yes' if r['specialised'] else 'pointers only'} |")
+    for dtype in ("bf16", "fp32"):
+        print(f"| kernel ({dtype}, sm_{arch}) | warps | stages | registers | spill stores | stack (B) | shared (B) | "
+              f"{mma} | cp.async | TMA | JIT-specialised |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        for r in report_rows(arch, dtype):
+            print(f"| {r['name']} | {r['warps']} | {r['num_stages']} | {r['registers']} | {r['spill_stores']} | "
+                  f"{r['stack_bytes']} | {r['shared_bytes']} | {yn(r[mma])} | {yn(r['cp_async'])} | {yn(r['tma'])} | "
+                  f"{'yes' if r['specialised'] else 'pointers only'} |")
+        print()
     return 0
 
 

@@ -493,12 +493,20 @@ def aot_specs(dtype: str = "bf16") -> list[tuple]:
     dw = dict(x_ptr=x, dy_ptr=y, dw_ptr=w_t, offs_ptr=offs, M=M, K=K, sxn=x.stride(0), sxk=x.stride(1),
               sdn=y.stride(0), sdm=y.stride(1), swg=w_t.stride(0), swk=w_t.stride(2), swm=w_t.stride(1))
     out = []
-    for c in GPU_CONFIGS:
-        if str(dt).removeprefix("torch.") not in c.get("dtypes", (str(dt).removeprefix("torch."),)):
-            continue
+    for c in candidates(tile_key("fwd", N, G, K, M, dt, "k"))[0]:
         ce = {"NUM_PROGRAMS": AOT_SHAPE["programs"], **{k: v for k, v in c.items() if k.startswith("BLOCK")},
               "PRECISION": "ieee" if dtype == "fp32" else "tf32"}
         out.append((config_name("fwd", c), _grouped_mm_kernel, fwd, ce, c["num_warps"], c["num_stages"]))
+    # dx: the forward kernel on a weight as stored, M-contiguous: the down projection's dx
+    # (grad [N, 2048] times down.weight [G, 2048, 768]) at the same K, M
+    w_m = SampleTensor(dt, (G, K, M))
+    dx = dict(x_ptr=x, w_ptr=w_m, y_ptr=y, offs_ptr=offs, G=G, N=N, M=M, K=K, sxn=x.stride(0), sxk=x.stride(1),
+              swg=w_m.stride(0), swk=w_m.stride(1), swm=w_m.stride(2), syn=y.stride(0), sym=y.stride(1))
+    for c in candidates(tile_key("fwd", N, G, K, M, dt, "m"))[0]:
+        ce = {"NUM_PROGRAMS": AOT_SHAPE["programs"], **{k: v for k, v in c.items() if k.startswith("BLOCK")},
+              "PRECISION": "ieee" if dtype == "fp32" else "tf32"}
+        out.append((config_name("fwd", c).replace("_fwd_", "_dx_"), _grouped_mm_kernel, dx, ce, c["num_warps"],
+                    c["num_stages"]))
     for c in DW_GPU_CONFIGS:
         ce = {**{k: v for k, v in c.items() if k.startswith("BLOCK")}, "PRECISION": "ieee" if dtype == "fp32" else "tf32"}
         out.append((config_name("dw", c), _grouped_mm_dw_kernel, dw, ce, c["num_warps"], c["num_stages"]))

@@ -166,13 +166,26 @@ def fused_forward_triton(hidden, weight, targets, weights, need_grads: bool, con
 
 
 def aot_specs(dtype: str = "bf16") -> list[tuple]:
+    """The LSE kernel and both launches of the gradient kernel (d hidden: row chunks over the
+    whole vocabulary; d weight: vocabulary chunks over all rows) at the issue's shapes, 16,384
+    supervised rows x hidden 2048 against Qwen3's 151,936-token vocabulary, with sample
+    arguments so rnd1/kernels/aot.py compiles them as the JIT specialises each launch."""
+    from rnd1.kernels.aot import DTYPES, SampleTensor
+
+    dt = DTYPES[dtype]
     c = GPU_CONFIG
     ce = {k: v for k, v in c.items() if k.startswith("BLOCK")}
     ce["PRECISION"] = "ieee" if dtype == "fp32" else "tf32"
-    sig = {"h_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "t_ptr": "*i64", "wt_ptr": "*fp32", "lse_ptr": "*fp32",
-           "loss_ptr": "*fp32", "N": "i32", "V": "i32", "H": "i32", **{k: "constexpr" for k in ce}}
-    gsig = {"h_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "t_ptr": "*i64", "wt_ptr": "*fp32", "lse_ptr": "*fp32",
-            "g_ptr": f"*{dtype}", "row0": "i32", "n_rows": "i32", "col0": "i32", "n_cols": "i32", "H": "i32",
-            **{k: "constexpr" for k in ce}}
-    return [("masked_ce_lse", _lse_kernel, sig, ce, c["num_warps"], c["num_stages"]),
-            ("masked_ce_grad", _grad_block_kernel, gsig, ce, c["num_warps"], c["num_stages"])]
+    N, V, H = 16384, 151936, 2048
+    h, w = SampleTensor(dt, (N, H)), SampleTensor(dt, (V, H))
+    per_row = dict(t_ptr=SampleTensor(torch.int64, (N,)), wt_ptr=SampleTensor(torch.float32, (N,)),
+                   lse_ptr=SampleTensor(torch.float32, (N,)))
+    c_rows = min(N, max(c["BLOCK_N"], GRAD_BLOCK_ELEMS // V // c["BLOCK_N"] * c["BLOCK_N"]))
+    c_cols = min(V, max(c["BLOCK_V"], GRAD_BLOCK_ELEMS // N // c["BLOCK_V"] * c["BLOCK_V"]))
+    g = SampleTensor(dt, (max(c_rows * V, N * c_cols),))
+    lse = dict(h_ptr=h, w_ptr=w, **per_row, loss_ptr=SampleTensor(torch.float32, (N,)), N=N, V=V, H=H)
+    dh = dict(h_ptr=h, w_ptr=w, **per_row, g_ptr=g, row0=c_rows, n_rows=c_rows, col0=0, n_cols=V, H=H)
+    dw = dict(h_ptr=h, w_ptr=w, **per_row, g_ptr=g, row0=0, n_rows=N, col0=c_cols, n_cols=c_cols, H=H)
+    return [("masked_ce_lse", _lse_kernel, lse, ce, c["num_warps"], c["num_stages"]),
+            ("masked_ce_grad_dh", _grad_block_kernel, dh, ce, c["num_warps"], c["num_stages"]),
+            ("masked_ce_grad_dw", _grad_block_kernel, dw, ce, c["num_warps"], c["num_stages"])]

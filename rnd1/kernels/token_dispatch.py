@@ -261,14 +261,20 @@ def combine(y_sorted: torch.Tensor, info: DispatchInfo, topk_weights: torch.Tens
 
 
 def aot_specs(dtype: str = "bf16") -> list[tuple]:
+    """The three kernels at 30B-A3B per-rank shapes (4,096 tokens x top-8 = 32,768 rows, hidden
+    2048), with sample arguments so rnd1/kernels/aot.py compiles them as the JIT specialises a
+    launch (aligned pointers, ints divisible by 16), not from bare pointer types."""
+    from rnd1.kernels.aot import DTYPES, SampleTensor
+
+    dt = DTYPES[dtype]
+    T, k, H = 4096, 8, 2048
+    x, rows = SampleTensor(dt, (T, H)), SampleTensor(dt, (T * k, H))
+    idx, pos, w = SampleTensor(torch.int64, (T * k,)), SampleTensor(torch.int64, (T, k)), SampleTensor(dt, (T, k))
+    block = {"BLOCK_H": 1024}
     return [
-        ("dispatch_gather", _gather_kernel, {"x_ptr": f"*{dtype}", "src_ptr": "*i64", "out_ptr": f"*{dtype}",
-                                             "H": "i32", "BLOCK_H": "constexpr"}, {"BLOCK_H": 1024}, 4, 1),
-        ("combine", _combine_kernel, {"y_ptr": f"*{dtype}", "pos_ptr": "*i64", "w_ptr": f"*{dtype}",
-                                      "out_ptr": f"*{dtype}", "H": "i32", "K": "constexpr", "BLOCK_H": "constexpr"},
-         {"K": 8, "BLOCK_H": 1024}, 4, 1),
-        ("combine_backward", _combine_bwd_kernel, {"g_ptr": f"*{dtype}", "y_ptr": f"*{dtype}", "pos_ptr": "*i64",
-                                                   "w_ptr": f"*{dtype}", "dy_ptr": f"*{dtype}", "dw_ptr": "*fp32",
-                                                   "H": "i32", "K": "constexpr", "BLOCK_H": "constexpr"},
-         {"K": 8, "BLOCK_H": 1024}, 4, 1),
+        ("dispatch_gather", _gather_kernel, dict(x_ptr=x, src_ptr=idx, out_ptr=rows, H=H), block, 4, 1),
+        ("combine", _combine_kernel, dict(y_ptr=rows, pos_ptr=pos, w_ptr=w, out_ptr=x, H=H), {"K": k, **block}, 4, 1),
+        ("combine_backward", _combine_bwd_kernel,
+         dict(g_ptr=x, y_ptr=rows, pos_ptr=pos, w_ptr=w, dy_ptr=rows, dw_ptr=SampleTensor(torch.float32, (T, k)), H=H),
+         {"K": k, **block}, 4, 1),
     ]
