@@ -170,3 +170,13 @@ def test_offline_editable_install_as_documented(tmp_path):
                 workdir, python=py)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert Path(proc.stdout.strip()).resolve().is_relative_to(REPO)
+
+
+@pytest.mark.skipif(not _hf_kernels_installed(), reason="Hugging Face's `kernels` is not installed")
+def test_the_gpu_check_does_not_put_rnd1_itself_on_the_path(tmp_path):
+    """gpu_check puts the repository root on sys.path (so it runs by file path); one level too
+    deep and ``rnd1/`` would be there, whose ``kernels/`` shadows Hugging Face's again."""
+    proc = _run("import sys, rnd1.kernels.bench.gpu_check\nimport kernels\nfrom kernels import CUDAProperties\n"
+                "print(kernels.__file__)", tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not Path(proc.stdout.strip()).resolve().is_relative_to(REPO)

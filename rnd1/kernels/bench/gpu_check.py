@@ -48,7 +48,9 @@ if __name__ == "__main__" and _tiny_requested(sys.argv[1:]) and os.environ.get("
         extra = [] if "--tiny" in sys.argv else ["--tiny"]
         os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:], *extra])
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+# the repository root (rnd1/kernels/bench/gpu_check.py -> four levels up), so the file also runs by
+# path without an install; never rnd1/ itself, whose kernels/ would shadow Hugging Face's `kernels`
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))))
 
 import argparse  # noqa: E402
 import inspect  # noqa: E402
