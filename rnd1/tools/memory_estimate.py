@@ -144,7 +144,6 @@ def estimate(cfg, *, world_size: int, rank: int = 0, config_name: str = "", imba
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.mod_tracker import ModTracker
 
-    from rnd1.model.config import ModelConfig, get_preset
     from rnd1.model.qwen3 import Qwen3
     from rnd1.optim import set_adamw_implementation
     from rnd1.parallel import parallelize_model
@@ -164,17 +163,10 @@ def estimate(cfg, *, world_size: int, rank: int = 0, config_name: str = "", imba
         batch = B.batch_plan(cfg, dims)
     except B.StartupError as e:
         raise EstimateError(f"--world-size {world_size}: {e}") from e
-    if cfg.model.hf_config:
-        import json
-        from pathlib import Path
-
-        path = Path(cfg.model.hf_config)
-        path = path / "config.json" if path.is_dir() else path
-        if not path.is_file():
-            raise EstimateError(f"model.hf_config: {path} does not exist")
-        mcfg = ModelConfig.from_hf_config(json.loads(path.read_text()))
-    else:
-        mcfg = get_preset(cfg.model.name)
+    try:
+        mcfg = B.model_architecture(cfg)
+    except B.StartupError as e:
+        raise EstimateError(str(e)) from e
     if fake and world_size > 1:
         _fake_group(world_size, rank)
     objective = B.build_objective(cfg)

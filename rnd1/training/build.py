@@ -34,17 +34,25 @@ def build_tokenizer(cfg):
         raise StartupError(f"model.tokenizer_path={cfg.model.tokenizer_path!r}: {e}") from e
 
 
-def build_model_config(cfg, tokenizer) -> ModelConfig:
+def model_architecture(cfg) -> ModelConfig:
+    """The architecture the config asks for: ``model.hf_config``'s when set, else the preset (the
+    memory estimate builds this without a tokenizer)."""
     try:
         if cfg.model.hf_config:
             path = Path(cfg.model.hf_config)
             path = path / "config.json" if path.is_dir() else path
             if not path.is_file():
                 raise StartupError(f"model.hf_config: {path} does not exist")
-            mcfg = ModelConfig.from_hf_config(json.loads(path.read_text()))
-        else:
-            mcfg = get_preset(cfg.model.name)
-        mcfg = mcfg.replace(mask_token_id=tokenizer.mask_id)  # the tokenizer reserved it (model.mask_token_id)
+            return ModelConfig.from_hf_config(json.loads(path.read_text()))
+        return get_preset(cfg.model.name)
+    except ModelConfigError as e:
+        raise StartupError(str(e)) from e
+
+
+def build_model_config(cfg, tokenizer) -> ModelConfig:
+    try:
+        # the tokenizer reserved the mask id (model.mask_token_id)
+        mcfg = model_architecture(cfg).replace(mask_token_id=tokenizer.mask_id)
     except ModelConfigError as e:
         raise StartupError(str(e)) from e
     if tokenizer.vocab_size > mcfg.vocab_size:
