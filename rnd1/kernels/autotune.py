@@ -65,14 +65,20 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+class CannotRun(Exception):
+    """Raised by a candidate that knows, before launching, that it cannot run here (a tile whose
+    shared memory exceeds the device's at this dtype): skipped and logged like a failed launch."""
+
+
 def _cannot_run() -> tuple[type[BaseException], ...]:
     """Errors that mean "this candidate does not fit this device", not "this code is wrong": a
-    Triton config whose shared memory or registers exceed the GPU's (``OutOfResources``)."""
+    Triton config whose shared memory or registers exceed the GPU's (``OutOfResources``), or one
+    that says so itself (``CannotRun``)."""
     try:
         from triton.runtime.errors import OutOfResources
     except ImportError:  # pragma: no cover - triton is a declared dependency
-        return ()
-    return (OutOfResources,)
+        return (CannotRun,)
+    return (OutOfResources, CannotRun)
 
 
 def measure(candidates: dict[str, Callable[[], object]], *, budget_ms: float = 20.0, max_reps: int = 50,

@@ -323,8 +323,9 @@ def tile_problems(rows: int, experts: int, hidden: int, inter: int, dtype: torch
 
 def tile_candidates(key: tuple, rows: int, experts: int, device="cuda", seed: int = 0) -> dict:
     """{config name: a call running that config on ``key``'s problem}: what the start-up tuner
-    times. Configs that cannot fit are left out; one that still fails to launch
-    (``OutOfResources``) is dropped by ``rnd1.kernels.autotune.measure`` and logged."""
+    times. A config that cannot fit raises ``CannotRun`` with the reason, and one that still fails
+    to launch raises ``OutOfResources``: ``rnd1.kernels.autotune.measure`` drops both, and the
+    run's log line names them with their reasons."""
     kind, _bucket, K, M, dtype, layout = key
     dt = getattr(torch, dtype)
     g = torch.Generator().manual_seed(seed)
@@ -333,11 +334,21 @@ def tile_candidates(key: tuple, rows: int, experts: int, device="cuda", seed: in
     w = stored.transpose(1, 2) if layout == "k" else stored.reshape(experts, K, M)
     offs = torch.linspace(0, rows, experts + 1)[1:].round().to(torch.int32).to(device)
     dy = (torch.randn(rows, M, generator=g) * 0.1).to(device, dt)
-    ok, _ = candidates(key, shared_memory_limit(device))
+    from rnd1.kernels.autotune import CannotRun
+
+    ok, skipped = candidates(key, shared_memory_limit(device))
+
+    def cannot(why):
+        def run():
+            raise CannotRun(why)
+        return run
+
     if kind == "fwd":
-        return {config_name(kind, c): (lambda c=c: grouped_mm_triton(x, w, offs, config=c)) for c in ok}
-    return {config_name(kind, c): (lambda c=c: grouped_mm_dw_triton(x, dy, offs, experts, config=c, like=w))
-            for c in ok}
+        runs = {config_name(kind, c): (lambda c=c: grouped_mm_triton(x, w, offs, config=c)) for c in ok}
+    else:
+        runs = {config_name(kind, c): (lambda c=c: grouped_mm_dw_triton(x, dy, offs, experts, config=c, like=w))
+                for c in ok}
+    return {**runs, **{name: cannot(why) for name, why in skipped.items()}}
 
 
 def _interpreting() -> bool:

@@ -186,3 +186,33 @@ def test_a_candidate_that_cannot_launch_is_skipped_and_logged(tmp_path):
     assert "skipped big (OutOfResources" in choice.line()
     with pytest.raises(RuntimeError, match="no candidate can run"):
         tuner.choose("grouped_mm_tile", "k2", {"big": too_big, "huge": too_big})
+
+
+@interpreting
+def test_tiles_that_cannot_fit_are_named_in_the_tuners_log_line(tmp_path):
+    """The start-up tuner's candidates for an fp32 problem (``tile_candidates``, run here by the
+    interpreter at a tiny shape) include the tiles that cannot fit: they raise CannotRun, and the
+    choice's line names each with its reason."""
+    from rnd1.kernels import grouped_gemm as gg
+    from rnd1.kernels.autotune import Autotuner
+
+    key = gg.tile_key("fwd", 64, 4, 32, 32, torch.float32, "k")
+    _, skipped = gg.candidates(key)
+    assert skipped
+    choice = Autotuner(tmp_path / "a.json", budget_ms=1.0).choose(
+        "grouped_mm_tile", "k", gg.tile_candidates(key, 64, 4, device="cpu"))
+    assert set(choice.skipped) == set(skipped) and choice.chosen not in skipped
+    for name, why in skipped.items():
+        assert name in choice.line() and why in choice.skipped[name]
+    assert any("shared memory" in why for why in skipped.values())
+
+
+@interpreting
+def test_a_triton_moe_layer_reads_nothing_back_the_reference_path_does():
+    """gpu_check's host-read count over one MoE layer forward + backward: 0 with every op on
+    Triton; on the CPU reference path the nine reads of ``offs[-1]`` (three grouped GEMMs forward,
+    six backward) show the count sees reads inside the custom ops."""
+    from rnd1.kernels.bench.gpu_check import host_reads_per_moe_layer
+
+    assert host_reads_per_moe_layer("cpu", True, "triton") == 0
+    assert host_reads_per_moe_layer("cpu", True, "reference") == 9

@@ -14,11 +14,11 @@ Sections, one table each:
    (``F.grouped_mm``, ``F.linear_cross_entropy``, the reference paths) with
    ``triton.testing.do_bench``: ms, TFLOP/s, GB/s and the fraction of the device's peak;
 5. targets (issue 27), one table: host reads in a Triton MoE layer's forward and backward (must
-   be 0: a check); the grouped GEMM's forward, dx and dW apart at 32,768 and 262,144 rows
+   be 0: a check); the MoE layer against the reference backends; the grouped GEMM's forward, dx and dW apart at 32,768 and 262,144 rows
    against torch's grouped mm (>= 1.0x in bf16); the masked CE against ``F.linear_cross_entropy``
    or, without it, a chunked ``F.cross_entropy`` over materialised logits (<= its time and <= 10%
    of its peak memory). Speed targets are reported met / not met, never an exit code;
-6. training: a few steps of ``rnd1.training.step.run_step`` (A2D objective) on the debug model
+6. training (ms per step of both backends on a GPU): a few steps of ``rnd1.training.step.run_step`` (A2D objective) on the debug model
    and on a 2-layer Qwen3-30B-A3B-shaped model (16 local experts, top-8), Triton backends against
    the reference backends on the same first batch, then steps that must lower the loss.
 
@@ -403,20 +403,35 @@ def _timed(fn, dev):
     return triton.testing.do_bench(fn, warmup=5, rep=50), peak
 
 
-def host_reads_per_moe_layer(dev, tiny: bool) -> int:
-    """Host reads (``.item()`` / ``int(t)`` / ``.tolist()``: the op behind them) in one MoE layer's
-    forward and backward with every kernel op on Triton and the model's local dispatcher."""
-    from torch.utils._python_dispatch import TorchDispatchMode
+def host_reads_per_moe_layer(dev, tiny: bool, which: str = "triton") -> int:
+    """Host reads of tensor values (``.item()``, ``.tolist()``, ``int(t)``, ``float(t)``: on a GPU
+    each one waits for the device) in one MoE layer's forward and backward with every kernel op
+    on ``which`` and the model's local dispatcher. Counted by wrapping those Tensor methods, which
+    also sees the reads inside custom ops' Python bodies (a dispatch mode would not)."""
+    names = ("item", "tolist", "__int__", "__float__")
+    saved = {n: getattr(torch.Tensor, n) for n in names}
+    count = [0]
 
+    def wrap(name):
+        def read(self, *a, **k):
+            count[0] += 1
+            return saved[name](self, *a, **k)
+        return read
+
+    run = moe_block(dev, which, tiny=tiny)
+    for n in names:
+        setattr(torch.Tensor, n, wrap(n))
+    try:
+        run()
+    finally:
+        for n, f in saved.items():
+            setattr(torch.Tensor, n, f)
+    return count[0]
+
+
+def moe_block(dev, which: str, tiny: bool = False):
+    """A call running one MoE layer forward and backward with every kernel op on ``which``."""
     from rnd1.model.moe import MoE
-
-    class Count(TorchDispatchMode):
-        n = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func is torch.ops.aten._local_scalar_dense.default:
-                Count.n += 1
-            return func(*args, **(kwargs or {}))
 
     h, inter, experts, k, tokens = (32, 16, 8, 2, 16) if tiny else (2048, 768, 16, 8, 4096)
     dtype = torch.float32 if tiny else torch.bfloat16
@@ -424,15 +439,17 @@ def host_reads_per_moe_layer(dev, tiny: bool) -> int:
     moe = MoE(h, inter, experts, k, True).to(dev, dtype)
     for prm in moe.parameters():
         torch.nn.init.normal_(prm, std=0.02)
-    _set_backends("triton")
-    x = torch.randn(tokens, h, device=dev, dtype=dtype, requires_grad=True)
-    try:
-        with Count():
-            out, _ = moe(x)
+    x = torch.randn(tokens, h, device=dev, dtype=dtype)
+
+    def run():
+        _set_backends(which)
+        try:
+            xi = x.detach().requires_grad_()
+            out, _ = moe(xi)
             out.float().sum().backward()
-    finally:
-        _set_backends("reference")
-    return Count.n
+        finally:
+            _set_backends("reference")
+    return run
 
 
 def check_targets(tiny: bool, dev) -> None:
@@ -442,6 +459,13 @@ def check_targets(tiny: bool, dev) -> None:
     reads = host_reads_per_moe_layer(dev, tiny)
     rows.append(["MoE layer fwd+bwd, Triton path", "host reads (item/int/tolist)", str(reads), "0",
                  verdict(reads == 0, f"{reads} host reads in a Triton MoE layer")])
+    if dev == "cuda":  # the whole MoE block: router, dispatch, three grouped GEMMs, combine
+        (t_ms, _), (r_ms, _) = _timed(moe_block(dev, "triton"), dev), _timed(moe_block(dev, "reference"), dev)
+        rows.append(["MoE layer fwd+bwd (4096 tokens, 16 experts top-8, 2048->768)",
+                     f"{t_ms:.3f} ms vs reference backends {r_ms:.3f} ms", f"{r_ms / t_ms:.2f}x", "reported", "-"])
+    else:
+        moe_block(dev, "triton", tiny=True)()
+        rows.append(["MoE layer fwd+bwd", "vs reference backends", "unmeasured (no GPU)", "reported", "unmeasured"])
     dtype = torch.float32 if tiny else torch.bfloat16
     sizes = [40] if tiny else [32768, 262144]
     for n in sizes:
@@ -498,8 +522,11 @@ def _train(cfg, which, dtype, dev, batch, seq, steps, lr):
     g = torch.Generator().manual_seed(3)
     x0 = torch.randint(0, cfg.mask_token_id, (batch, seq), generator=g)
     mb = MicroBatch(x0=x0, sample_ids=torch.arange(batch), seed=0)
-    losses, gnorm = [], None
+    losses, gnorm, times = [], None, []
     for s in range(steps):
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         res = run_step(model, obj, [mb], mask_id=cfg.mask_token_id, samples_per_step=batch, ce_backend=ce_backend,
                        device=dev)
@@ -508,7 +535,11 @@ def _train(cfg, which, dtype, dev, batch, seq, steps, lr):
                 [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None])))
         losses.append(float(res.loss))
         opt.step()
-    return losses, gnorm
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    ms = sorted(times[1:])[len(times[1:]) // 2] if dev == "cuda" and len(times) > 1 else None  # median after step 0
+    return losses, gnorm, ms
 
 
 def check_training(tiny: bool, dev) -> None:
@@ -533,8 +564,10 @@ def check_training(tiny: bool, dev) -> None:
     rows = []
     for label, cfg, batch, seq, lr in runs:
         t0 = time.perf_counter()
-        ref, ref_g = _train(cfg, "reference", dtype, dev, batch, seq, 1, lr)
-        tri, tri_g = _train(cfg, "triton", dtype, dev, batch, seq, steps, lr)
+        # on a GPU the reference runs as many steps, so the step times compare
+        ref, ref_g, ref_ms = _train(cfg, "reference", dtype, dev, batch, seq, steps if dev == "cuda" else 1, lr)
+        tri, tri_g, tri_ms = _train(cfg, "triton", dtype, dev, batch, seq, steps, lr)
+        speed = (f"{tri_ms:.1f} / {ref_ms:.1f} ({ref_ms / tri_ms:.2f}x)" if tri_ms and ref_ms else "unmeasured")
         dl = abs(tri[0] - ref[0]) / max(abs(ref[0]), 1e-12)
         dg = abs(tri_g - ref_g) / max(ref_g, 1e-12)
         tol = TRAIN_TOL[dtype]
@@ -542,13 +575,14 @@ def check_training(tiny: bool, dev) -> None:
         ok = finite and dl <= tol and dg <= tol and tri[-1] < tri[0]
         rows.append([label, str(dtype).replace("torch.", ""), f"{batch}x{seq}", f"{ref[0]:.4f}",
                      " ".join(f"{v:.4f}" for v in tri), f"{dl:.1e} / {dg:.1e}", f"{tol:.0e}",
-                     f"{time.perf_counter() - t0:.1f}", verdict(ok, f"training {label}")])
+                     speed, f"{time.perf_counter() - t0:.1f}", verdict(ok, f"training {label}")])
     kbackend.set_default_backend("auto")
     if hasattr(kbackend, "set_op_backend"):
         for op in kbackend.OPS:
             kbackend.set_op_backend(op, "auto")
     table("training: run_step (A2D), every kernel op on 'triton' vs every op on 'reference'",
-          ["model", "dtype", "batch", "ref loss 0", "triton losses", "d loss0 / d gradnorm", "tol", "s", "result"],
+          ["model", "dtype", "batch", "ref loss 0", "triton losses", "d loss0 / d gradnorm", "tol",
+           "ms/step triton / reference", "s", "result"],
           rows)
     if not uses_dispatch_kernels:
         print("  note: rnd1.model.moe does not call rnd1.kernels.token_dispatch (it has its own dispatcher), so the "
