@@ -31,7 +31,15 @@ def test_frozen_rank_times_out_fast_and_is_named():
             if line.startswith("MESSAGE ") or time.monotonic() - t0 > 120:
                 break
     finally:
-        try:  # the SIGSTOPped rank too (SIGKILL works on stopped processes)
+        # the SIGSTOPped rank (SIGKILL works on stopped processes): torchrun puts its workers in
+        # their own process group, so killing the launcher's group left it stopped, holding memory
+        frozen = [int(l.split()[-1]) for l in lines if l.split(" ", 1)[0].endswith("FROZEN")]
+        for pid in frozen:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass

@@ -16,6 +16,8 @@ env = init_distributed("cpu", timeout_s=timeout_s)
 t = torch.ones(4)
 dist.all_reduce(t)  # every rank is up
 if env.rank == 1:
+    # torchrun starts workers in their own process group: the test kills this pid itself
+    print(f"FROZEN {os.getpid()}", flush=True)
     os.kill(os.getpid(), signal.SIGSTOP)
 t0 = time.monotonic()
 try:
