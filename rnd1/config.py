@@ -277,12 +277,12 @@ class Kernels:
 
 
 def _memory_size(v):
-    from rnd1.tools.sizes import parse_bytes
+    from rnd1.tools.sizes import NOT_A_SIZE, parse_bytes
 
     try:
         return None if parse_bytes(v) > 0 else "must be > 0"
-    except ValueError as e:
-        return str(e)
+    except ValueError:
+        return NOT_A_SIZE
 
 
 @dataclass

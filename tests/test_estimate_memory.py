@@ -102,6 +102,8 @@ def test_the_estimate_says_when_a_config_does_not_fit():
     (["train_configs/no_such.toml"], "no_such.toml"),
     (["train_configs/debug_model_ep.toml", "--rank", "2"], "--rank 2: must be in [0, 2)"),
     (["train_configs/debug_model.toml", "--model.hf_config=/no/such/folder"], "model.hf_config: /no/such/folder"),
+    (["train_configs/debug_model.toml", "--hardware.device_memory=lots"],
+     "hardware.device_memory (from --hardware.device_memory): 'lots' is not a size;"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, needle):
     p = _cli(*args)

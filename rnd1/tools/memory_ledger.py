@@ -120,7 +120,6 @@ class MemoryLedger(TorchDispatchMode):
         super().__init__()
         self.live: dict[int, list] = {}  # storage key -> [category, nbytes, serial]
         self._serial = 0  # keys (storage addresses) are reused after a free; serials are not
-        self.by_cat: dict[str, int] = defaultdict(int)
         self.total = 0
         self.peak = 0
         self._peak: dict[int, tuple[str, int]] = {}  # serial -> (category, nbytes) at the peak
@@ -142,7 +141,6 @@ class MemoryLedger(TorchDispatchMode):
         n = st.nbytes()
         self._serial += 1
         self.live[key] = [cat, n, self._serial]
-        self.by_cat[cat] += n
         self.total += n
         weakref.finalize(st, self._drop, key)
         self._maybe_peak()
@@ -150,7 +148,6 @@ class MemoryLedger(TorchDispatchMode):
     def _drop(self, key: int) -> None:
         entry = self.live.pop(key, None)
         if entry is not None:
-            self.by_cat[entry[0]] -= entry[1]
             self.total -= entry[1]
 
     def _resized(self, st: torch.UntypedStorage) -> None:
@@ -163,7 +160,6 @@ class MemoryLedger(TorchDispatchMode):
         n = st.nbytes()
         if n and not entry[1]:  # re-allocated after a free: FSDP2 gathering a parameter again
             entry[0] = "all_gather"
-        self.by_cat[entry[0]] += n - entry[1]
         self.total += n - entry[1]
         entry[1] = n
         self._maybe_peak()
