@@ -55,11 +55,19 @@ def main():
     out = {"rank": rank, "peak": est.peak, "params": est.param_bytes, "grads": est.grad_bytes,
            "optimizer": est.optimizer_bytes, "peak_by_category": est.ledger.peak_by_category,
            "rss_rise": rss_rise, "tensor_rise": est.peak - est.param_bytes - est.optimizer_bytes}
-    print(json.dumps(out), flush=True)
     if mode == "real" and world > 1:
         import torch.distributed as dist
 
+        # Ranks share torchrun's stdout pipe and print() writes the line and its newline
+        # separately, so two ranks printing at once can interleave into one unparsable line
+        # (it happened in CI). One rank at a time, in rank order.
+        for r in range(world):
+            if r == rank:
+                print(json.dumps(out), flush=True)
+            dist.barrier()
         dist.destroy_process_group()
+    else:
+        print(json.dumps(out), flush=True)
 
 
 if __name__ == "__main__":
