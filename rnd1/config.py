@@ -94,6 +94,10 @@ class Model:
                 "checkpoint's saved value); mean: the mean of the trained rows (ids below the tokenizer's "
                 "vocab_size, mask id excluded)")
     tokenizer_path: str = _f("byte", "'byte' (byte-level, for debug models) or a Qwen3 tokenizer folder / .tiktoken file")
+    attention_backend: Literal["auto", "sdpa", "flex"] = _f(
+        "auto", "masked attention (packed documents, block diffusion, the block sampler): sdpa: a dense bool mask; "
+                "flex: FlexAttention with a BlockMask (no GPU backward on the CPU: refused for training there); "
+                "auto: the faster by measurement, per mask kind and shape. Unmasked attention is always SDPA")
 
 
 @dataclass

@@ -277,8 +277,8 @@ def _block_generate(model, prompts, *, gen_length, steps, mask_id, objective, bl
     ``nfe``); every step forwards the current block only, against the cache; a finished block is
     forwarded once more, clean, in commit mode (counted), and its last output kept as the A2D
     prediction for the next block's first position. ``kv_cache=False``: every step forwards the
-    whole prefix [0, end of the current block) with ``block_causal_mask``. Rows are decoded in
-    groups of equal prompt length (a ragged batch needs no padding inside a group)."""
+    whole prefix [0, end of the current block) under the block-causal pattern (``BlockCausal``).
+    Rows are decoded in groups of equal prompt length (a ragged batch needs no padding inside a group)."""
     bs = objective.block_size
     if block_length is not None and block_length != bs:
         raise ValueError(f"block_length {block_length} does not match the {objective.name} model's block size {bs}"
@@ -323,7 +323,7 @@ def _decode_blocks(model, seq: torch.Tensor, P: int, steps: int, objective, eos_
                    kw: dict) -> tuple[int, list[list[int]]]:
     """Denoise ``seq`` [n, T] (prompts of length ``P``, then mask ids) in place, block by block.
     Returns the forward count and each row's commit order (offsets from ``P``)."""
-    from rnd1.diffusion.block import block_causal_mask
+    from rnd1.model.attention_masks import BlockCausal
     from rnd1.model.kv_cache import KVCache
 
     mask_id, bs, shift = kw["mask_id"], objective.block_size, objective.shift
@@ -341,7 +341,8 @@ def _decode_blocks(model, seq: torch.Tensor, P: int, steps: int, objective, eos_
         pos = torch.arange(first * bs, device=device).expand(n, first * bs)
         with cache.committing():
             carry = _outputs_at(model, seq[:, :first * bs], torch.tensor([first * bs - 1], device=device),
-                                kv_cache=cache, positions=pos, attn_mask=block_causal_mask(pos, pos, bs))[:, 0]
+                                kv_cache=cache, positions=pos,
+                                attn_mask=BlockCausal.prefix(first * bs, bs, n, device))[:, 0]
         nfe += 1
     steps_left = steps
     for k in range(n_blocks):
@@ -368,7 +369,7 @@ def _decode_blocks(model, seq: torch.Tensor, P: int, steps: int, objective, eos_
             else:  # the whole prefix, block-causal
                 pos = torch.arange(e, device=device).expand(n, e)
                 lg = _outputs_at(model, seq[:, :e], read, positions=pos,
-                                 attn_mask=block_causal_mask(pos, pos, bs))
+                                 attn_mask=BlockCausal.prefix(e, bs, n, device))
             nfe += 1
             pred, pick = _choose(lg, still, s, blk_steps, e - lo, **kw)
             for i in range(n):

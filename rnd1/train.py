@@ -68,6 +68,7 @@ class Trainer:
         self.batch = B.batch_plan(cfg, self.parallel)
         B.set_kernel_backends(cfg)
         self.autocast, why = B.resolve_autocast(cfg, env.device)
+        B.check_attention_backend(cfg, env.device)
         if cfg.training.autocast == "auto":
             log0(env, f"precision: {'bf16 autocast' if self.autocast == 'bfloat16' else 'fp32'} ({why})")
 
@@ -197,6 +198,16 @@ class Trainer:
         return nullcontext()
 
     # ----------------------------------------------------------------- one step
+    def _log_attention_choices(self) -> None:
+        """The choices attention ``auto`` made since the last call (a new shape: validation's,
+        a new block size's), each once."""
+        from rnd1.model.attention import choice_lines
+
+        lines = choice_lines()
+        for line in lines[getattr(self, "_attention_lines_logged", 0):]:
+            log0(self.env, line)
+        self._attention_lines_logged = len(lines)
+
     def train_step(self) -> dict:
         cfg = self.cfg
         self.model.train()
@@ -295,6 +306,7 @@ class Trainer:
                     self.metrics.log(self.step, {**self.score_tasks(), "tokens": self.tokens_seen}, prefix="[tasks] ")
                 if cfg.eval.interval and (self.step % cfg.eval.interval == 0 or last):
                     self.metrics.log(self.step, {**self.validate(), "tokens": self.tokens_seen}, prefix="[val] ")
+                self._log_attention_choices()
                 if self.parallel.world_size > 1:
                     reshard_all(self.model)  # after forwards without backward (rnd1/parallel/fsdp.py)
                 interval_hit = cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0

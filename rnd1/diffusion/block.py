@@ -34,11 +34,15 @@ Worked example, A2D, L = 4, B = 2, masked = [0, 1, 1, 0] (position 0 is never ma
     clean output 1 -> position 2 (C), a block start   weight 1/t_1
     scored   = positions 1..3 (3)    loss = (CE(B)/t_0 + CE(C)/t_1) / 3
 
-**Memory.** The 2L x 2L mask is boolean: (2L)^2 bytes, 64 MiB at L = 4096, shared by every row
-and head unless documents are masked (then one per row). It is never a dense float tensor of
-[B, heads, 2L, 2L] (at L = 4096, 32 heads and fp32 that would be 8 GiB per row: the OOM users of
-other trainers report). One block covering the whole row needs no clean half: it is the plain
-objective, run on L tokens.
+**Memory and speed.** The stream's attention is described, not built: ``model_inputs`` passes
+a ``TwoStream`` pattern (``rnd1.model.attention_masks``, where the dense builder
+``two_stream_mask`` and the FlexAttention ``mask_mod`` sit side by side). With the ``sdpa``
+backend the model builds the boolean 2L x 2L mask, (2L)^2 bytes (64 MiB at L = 4096), shared by
+every row and head unless documents are masked (then one per row); never a dense float tensor of
+[B, heads, 2L, 2L] (8 GiB per row at L = 4096, 32 heads, fp32: the OOM users of other trainers
+report). With ``flex`` it builds a BlockMask of (2L / 128)^2 tiles and FlexAttention skips the
+empty ones (about 70% at L = 2048, blocks of 32). One block covering the whole row needs no
+clean half: it is the plain objective, run on L tokens.
 """
 
 from __future__ import annotations
@@ -47,39 +51,7 @@ import torch
 
 from rnd1.diffusion.corruption import Corruption, corrupt_rows
 from rnd1.diffusion.objective import Objective, Targets
-
-
-def block_ids(length: int, block_size: int, device=None) -> torch.Tensor:
-    return torch.arange(length, device=device) // block_size
-
-
-def two_stream_mask(length: int, block_size: int, doc_ids: torch.Tensor | None = None,
-                    device=None) -> torch.Tensor:
-    """Boolean SDPA mask [1 or B, 1, 2L, 2L] over [x_t | x0] (True: may attend); see the table in
-    the module docstring. ``doc_ids`` [B, L] additionally keeps packed documents apart."""
-    blk = block_ids(length, block_size, device)
-    same = blk[:, None] == blk[None, :]
-    earlier = blk[None, :] < blk[:, None]
-    upto = blk[None, :] <= blk[:, None]
-    top = torch.cat([same, earlier], dim=1)  # noisy queries
-    bottom = torch.cat([torch.zeros_like(same), upto], dim=1)  # clean queries
-    mask = torch.cat([top, bottom], dim=0)[None]
-    if doc_ids is not None:
-        d = torch.cat([doc_ids, doc_ids], dim=1).to(mask.device)
-        mask = mask & (d[:, :, None] == d[:, None, :])
-    return mask[:, None]
-
-
-def block_causal_mask(q_positions: torch.Tensor, k_positions: torch.Tensor, block_size: int,
-                      k_valid: torch.Tensor | None = None) -> torch.Tensor:
-    """Inference: [B, 1, Lq, Lk] True where the key's block is not after the query's (one sequence:
-    committed blocks clean, the current one noisy). ``k_valid`` [B, Lk] drops padding keys."""
-    qb = q_positions // block_size
-    kb = k_positions // block_size
-    mask = kb[:, None, :] <= qb[:, :, None]
-    if k_valid is not None:
-        mask = mask & k_valid[:, None, :]
-    return mask[:, None]
+from rnd1.model.attention_masks import TwoStream, block_causal_mask, block_ids, two_stream_mask  # noqa: F401
 
 
 class BlockDiffusion(Objective):
@@ -116,7 +88,7 @@ class BlockDiffusion(Objective):
         pos = torch.arange(L, device=x0.device)
         return {"input_ids": torch.cat([c.x_t, x0.to(c.x_t.device)], dim=1),
                 "positions": torch.cat([pos, pos]).expand(B, 2 * L),
-                "attn_mask": two_stream_mask(L, self.block_size, doc_ids, device=x0.device)}
+                "attn_mask": TwoStream(L, self.block_size, doc_ids, device=x0.device)}
 
     def _predicting_output(self, length: int, device=None) -> torch.Tensor:
         """[L] index into the 2L outputs of the one that predicts each position: the noisy output

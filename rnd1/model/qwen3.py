@@ -4,7 +4,9 @@ The math follows Hugging Face ``transformers`` (RMSNorm in fp32, rotate-half RoP
 RMSNorm, grouped-query attention) so a converted checkpoint computes the same logits. Three things
 are new for diffusion: the attention mode can be switched between causal and bidirectional at run
 time (``set_attention_mode``), packed sequences can be masked per document (``doc_ids``), and the
-[MASK] token's input embedding is a parameter of its own (``mask_embedding``, below).
+[MASK] token's input embedding is a parameter of its own (``mask_embedding``, below). Masked
+attention runs on dense-mask SDPA or FlexAttention (``set_attention_backend``;
+``rnd1.model.attention``), the mask prepared once per forward.
 The model knows nothing of parallelism: FSDP, expert parallelism, activation checkpointing and
 compilation are applied from ``rnd1/parallel/``.
 """
@@ -12,9 +14,10 @@ compilation are applied from ``rnd1/parallel/``.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from rnd1.model import attention as attn_backend
+from rnd1.model.attention_masks import Documents
 from rnd1.model.config import ModelConfig
 from rnd1.model.kv_cache import KVCache
 from rnd1.model.moe import DenseMLP, MoE, moe_aux_loss
@@ -56,7 +59,9 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class Attention(nn.Module):
-    """Grouped-query attention with per-head q/k RMSNorm, through F.scaled_dot_product_attention."""
+    """Grouped-query attention with per-head q/k RMSNorm. ``attn_mask`` is what
+    ``rnd1.model.attention.prepare`` made of this forward's pattern: None (SDPA, no mask), a
+    dense bool mask (SDPA) or a BlockMask (FlexAttention)."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int = 0):
         super().__init__()
@@ -70,8 +75,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, attn_mask: torch.Tensor | None, is_causal: bool,
-                kv_cache: "KVCache | None" = None):
+    def forward(self, x, cos, sin, attn_mask, is_causal: bool, kv_cache: "KVCache | None" = None):
         B, L, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(B, L, self.n_heads, self.head_dim)).transpose(1, 2)
         k = self.k_norm(self.k_proj(x).view(B, L, self.n_kv, self.head_dim)).transpose(1, 2)
@@ -79,10 +83,7 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if kv_cache is not None:  # keys/values of the cached prefix come first
             k, v = kv_cache.keys_values(self.layer_idx, k, v)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=is_causal and attn_mask is None,
-            enable_gqa=self.n_kv != self.n_heads,
-        )
+        out = attn_backend.attend(q, k, v, attn_mask, is_causal, enable_gqa=self.n_kv != self.n_heads)
         return self.o_proj(out.transpose(1, 2).reshape(B, L, -1))
 
 
@@ -101,8 +102,7 @@ class Block(nn.Module):
         else:
             self.mlp = DenseMLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, cos, sin, attn_mask: torch.Tensor | None = None, is_causal: bool = False,
-                kv_cache: "KVCache | None" = None):
+    def forward(self, x, cos, sin, attn_mask=None, is_causal: bool = False, kv_cache: "KVCache | None" = None):
         attn_in = self.input_layernorm(x)
         if kv_cache is None:
             x = x + self.self_attn(attn_in, cos, sin, attn_mask, is_causal)
@@ -114,16 +114,6 @@ class Block(nn.Module):
         else:
             out, stats = self.mlp(h), x.new_zeros(0)
         return x + out, stats
-
-
-def document_mask(doc_ids: torch.Tensor, causal: bool) -> torch.Tensor:
-    """Boolean SDPA mask [B, 1, L, L]: True where query i may attend key j (same document, and
-    j <= i when causal)."""
-    mask = doc_ids[:, :, None] == doc_ids[:, None, :]
-    if causal:
-        L = doc_ids.shape[1]
-        mask = mask & torch.ones(L, L, dtype=torch.bool, device=doc_ids.device).tril()
-    return mask[:, None]
 
 
 class Qwen3(nn.Module):
@@ -149,6 +139,7 @@ class Qwen3(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tie_weights()
         self.set_attention_mode(attention_mode)
+        self.set_attention_backend("auto")
         self._router_stats: torch.Tensor | None = None
         self._router_rows = 0
 
@@ -171,13 +162,22 @@ class Qwen3(nn.Module):
             raise ValueError(f"attention mode {mode!r} unknown; expected one of {ATTENTION_MODES}")
         self.attention_mode = mode
 
+    def set_attention_backend(self, backend: str) -> None:
+        """How masked attention runs: ``sdpa`` (dense mask), ``flex`` (FlexAttention BlockMask) or
+        ``auto`` (the faster by measurement); see ``rnd1.model.attention``."""
+        err = attn_backend.check_backend(backend)
+        if err:
+            raise ValueError(f"attention backend {backend!r} unknown; {err}")
+        self.attention_backend = backend
+
     # ----------------------------------------------------------------- forward
     def forward(self, input_ids: torch.Tensor, *, doc_ids: torch.Tensor | None = None,
-                positions: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None, attn_mask=None,
                 kv_cache: "KVCache | None" = None, return_hidden: bool = False) -> torch.Tensor:
-        """``attn_mask`` (bool [B or 1, 1, L, L + cached], True: may attend) replaces the mode's
-        pattern: an objective with its own structure (block diffusion's [x_t | x_0] stream) builds
-        it, documents included, so it excludes ``doc_ids``. ``kv_cache`` (``rnd1.model.kv_cache``)
+        """``attn_mask`` replaces the mode's pattern: a pattern of ``rnd1.model.attention_masks``
+        (block diffusion's [x_t | x_0] stream, the sampler's block-causal prefix) or a bool tensor
+        [B or 1, 1, L, L + cached] (True: may attend). It holds the documents itself, so it
+        excludes ``doc_ids``. ``kv_cache`` (``rnd1.model.kv_cache``)
         prepends the cached prefix's keys/values in every layer (and appends this call's when the
         cache is in ``commit`` mode): block-by-block sampling of a block-diffusion model."""
         B, L = input_ids.shape
@@ -197,8 +197,10 @@ class Qwen3(nn.Module):
         # explicit positions (block diffusion's [x_t | x0] stream repeats 0..L-1) are the caller's
         # to keep in range: checking them here would read a device tensor on every forward
         cos, sin = rotary_cos_sin(positions, self.config.head_dim, self.config.rope_theta, h.dtype)
-        if attn_mask is None and doc_ids is not None:
-            attn_mask = document_mask(doc_ids, causal)
+        pattern = attn_backend.as_pattern(attn_mask)
+        if pattern is None and doc_ids is not None:
+            pattern = Documents(doc_ids, causal)
+        attn_mask = self._prepare_attention(pattern, h)
         stats_sum = None
         for layer in self.layers:
             if kv_cache is None:
@@ -211,6 +213,16 @@ class Qwen3(nn.Module):
         self._router_rows = B * L * len(self.config.moe_layer_ids)
         h = self.norm(h)
         return h if return_hidden else self.lm_head(h)
+
+    def _prepare_attention(self, pattern, h: torch.Tensor):
+        """This forward's mask, once for all layers (see ``rnd1.model.attention.prepare``)."""
+        dev = h.device
+        dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else h.dtype
+        needs_grad = torch.is_grad_enabled() and self.mask_embedding.requires_grad
+        cfg = self.config
+        return attn_backend.prepare(pattern, self.attention_backend, heads=cfg.num_attention_heads,
+                                    kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, dtype=dtype,
+                                    device=dev, needs_grad=needs_grad)
 
     def moe_aux_loss(self) -> torch.Tensor:
         """Qwen3-MoE load-balancing loss of the last forward (0 for dense models)."""

@@ -1,7 +1,7 @@
 """Activation checkpointing per transformer block: ``none``, ``full`` or ``selective``.
 
-``selective`` is the paper's "Selective" recompute: the outputs of matmuls (dense, attention,
-grouped expert GEMMs) are saved, while cheap element-wise work — RMSNorms, RoPE, SwiGLU, the
+``selective`` is the paper's "Selective" recompute: the outputs of matmuls (dense, attention on
+SDPA or FlexAttention, grouped expert GEMMs) are saved, while cheap element-wise work — RMSNorms, RoPE, SwiGLU, the
 MoE's routing softmax and combine — is recomputed in backward. It keeps most of full
 recomputation's memory saving at a fraction of its extra FLOPs.
 """
@@ -27,6 +27,9 @@ def _save_ops() -> set:
         torch.ops.aten._scaled_dot_product_efficient_attention.default,
         torch.ops.aten._scaled_dot_product_flash_attention.default,
         torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+        # FlexAttention (model.attention_backend flex/auto), a higher-order op: its output is saved
+        # like SDPA's rather than recomputed (torchtitan saves it too).
+        torch.ops.higher_order.flex_attention,
     }
     # Expert-parallel token exchange: save, never re-send during recomputation.
     ops.add(torch.ops._c10d_functional.all_to_all_single.default)

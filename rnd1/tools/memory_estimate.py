@@ -179,6 +179,13 @@ def estimate(cfg, *, world_size: int, rank: int = 0, config_name: str = "", imba
     model = parallelize_model(model, cfg, dims, env)
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else nullcontext()
     notes = [f"autocast {autocast} ({why}); compile off (eager step)"]
+    # Masked attention is counted on dense-mask SDPA whatever model.attention_backend says: an
+    # upper bound (FlexAttention holds a BlockMask of (L/128)^2 tiles, not the L x L mask), and
+    # FlexAttention cannot differentiate on the CPU the estimate runs on.
+    model.set_attention_backend("sdpa")
+    if cfg.training.document_masking or getattr(objective, "block_size", 0):
+        notes.append("masked attention counted as dense-mask SDPA (an upper bound for attention_backend "
+                     "flex/auto)")
     with fake_mode:
         model.to_empty(device="cpu")
         if dtype != torch.float32:

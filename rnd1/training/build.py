@@ -214,6 +214,33 @@ def resolve_autocast(cfg, device: torch.device) -> tuple[str, str]:
     return "none", f"auto: fp32, the CPU has no bf16 matrix units ({info.model})"
 
 
+def check_attention_backend(cfg, device: torch.device) -> None:
+    """``model.attention_backend='flex'`` cannot train where FlexAttention has no backward."""
+    from rnd1.model.attention import flex_backward_supported
+
+    if cfg.model.attention_backend == "flex" and not flex_backward_supported(device):
+        raise StartupError(f"model.attention_backend='flex': torch's FlexAttention has no backward on "
+                           f"{device.type} (torch {torch.__version__}), so it cannot train there; use 'auto' "
+                           f"(dense-mask SDPA for training on {device.type}) or 'sdpa'")
+
+
+def training_attention(cfg, objective, batch: "BatchPlan", mcfg: ModelConfig, device: torch.device):
+    """The masked pattern the training forward uses, at its shape, or None (unmasked attention).
+    Packed documents are stood in for by four equal documents per row: what ``auto`` measures
+    at start-up, before any batch exists."""
+    from rnd1.model.attention_masks import Documents, TwoStream
+
+    B, L = batch.local_batch_size * (2 if objective.complementary else 1), batch.seq_len
+    docs = None
+    if cfg.training.document_masking:
+        docs = (torch.arange(L, device=device) * 4 // L).expand(B, L)
+    if getattr(objective, "block_size", 0) and objective.two_streams(L):
+        return TwoStream(L, objective.block_size, docs, device=device)
+    if docs is not None:
+        return Documents(docs, causal=objective.attention == "causal")
+    return None
+
+
 def autotune_kernels(cfg, mcfg: ModelConfig, batch: "BatchPlan", dims: ParallelDims, env: DistEnv, objective,
                      dtype: torch.dtype, cache_file: Path | None, optimizer=None) -> list[str]:
     """``auto`` kernels choose their implementation by measurement (``rnd1.kernels.autotune``), at this
@@ -268,6 +295,14 @@ def autotune_kernels(cfg, mcfg: ModelConfig, batch: "BatchPlan", dims: ParallelD
             params = [p for g in optimizer.param_groups for p in g["params"]]
             key, names, make = adamw_tuning_candidates(params)
             jobs.append(("adamw", key, make, names))
+    if cfg.model.attention_backend == "auto" and env.device.type == "cuda":
+        from rnd1.model import attention
+
+        pattern = training_attention(cfg, objective, batch, mcfg, env.device)
+        if pattern is not None:
+            shape = (mcfg.num_attention_heads, mcfg.num_key_value_heads, mcfg.head_dim, dtype, env.device, True)
+            jobs.append(("attention", attention.choice_key(pattern, *shape),
+                         lambda: attention.tuning_candidates(pattern, *shape)))
     if not jobs:
         return []
     answers, lines = [None] * len(jobs), []
@@ -289,6 +324,10 @@ def autotune_kernels(cfg, mcfg: ModelConfig, batch: "BatchPlan", dims: ParallelD
             grouped_gemm.set_tuned_tile((kind, int(rows_bucket), int(K), int(M), dt, layout), chosen)
         elif op == "adamw":
             set_adamw_implementation(optimizer, chosen)
+        elif op == "attention":
+            from rnd1.model.attention import set_choice
+
+            set_choice(key, chosen)
         else:
             masked_cross_entropy.set_tuned_chunk_tokens(int(chosen))
     return lines
@@ -324,6 +363,7 @@ def build_and_load_model(cfg, mcfg: ModelConfig, dims: ParallelDims, env: DistEn
         raise StartupError(f"parallelism: {e}") from e
     model.to_empty(device=env.device)
     model.to(dtype)
+    model.set_attention_backend(cfg.model.attention_backend)
     src = cfg.checkpoint.initial_load_path
     init = cfg.model.init
     if init == "auto":  # the debug configs: one flag (the path) turns a random-init run into a conversion
