@@ -6,8 +6,10 @@
 #   CONFIG_FILE=train_configs/debug_ar.toml ./run_train.sh --training.steps=50
 #
 # Environment: CONFIG_FILE, NPROC (or NGPU) processes per node, and for several nodes NNODES,
-# NODE_RANK, MASTER_ADDR, MASTER_PORT (or RDZV_ENDPOINT for c10d rendezvous). Extra arguments are
-# passed to `python -m rnd1.train` as config overrides (--section.key=value).
+# NODE_RANK, MASTER_ADDR, MASTER_PORT (or RDZV_ENDPOINT for c10d rendezvous). RND1_STOP_GRACE_S:
+# how long the launcher waits for workers saving after a stop signal (default: as long as they
+# take; the scheduler's own deadline applies). Extra arguments are passed to `python -m rnd1.train`
+# as config overrides (--section.key=value).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -30,7 +32,7 @@ if [[ "$NPROC" -gt 1 ]]; then export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}; fi
 
 # rnd1.launch is torchrun (same options) whose exit code is the trainer's: 2 on bad input, after
 # the trainer's one-line message and nothing else.
-# exec: a signal to this script (SIGTERM, Ctrl-C) reaches the launcher itself; the workers save and
-# the exit code is 0 (see "What survives what" in README.md).
+# exec: a signal to this script (SIGTERM, SIGUSR1, SIGHUP, SIGQUIT, Ctrl-C) reaches the launcher
+# itself; the workers save and the exit code is 0 (see "What survives what" in README.md).
 exec python -m rnd1.launch "${LAUNCH[@]}" --nproc_per_node="$NPROC" \
   -m rnd1.train --config "$CONFIG_FILE" "$@"

@@ -7,15 +7,30 @@ is the whole story. torchrun treats it as a crash: a 35-line ``ChildFailedError`
 1. Here, when every worker that failed on its own exited 2 (the others being stopped by torchrun),
 the launcher exits 2 and adds nothing. Any other failure keeps torchrun's report, unchanged.
 
-A signal to the launcher (SIGTERM from a scheduler, SIGINT from Ctrl-C) is forwarded to the workers
-by torchrun, which then waits for them; the trainer finishes its step, saves and exits 0. torchrun
-itself would then exit 1 with a ``SignalException`` traceback; here, when every worker exited 0,
-the launcher prints one line and exits 0 too; otherwise one line and 128 + the signal number.
+A stop signal to the launcher (SIGTERM, SIGUSR1, SIGHUP or SIGQUIT from a scheduler, SIGINT from
+Ctrl-C) is forwarded to the workers, and the launcher waits for them: the trainer finishes its
+step, saves and exits 0. Three things differ from plain torchrun:
+
+- SIGUSR1 (Slurm's usual ``--signal``) is handled like SIGTERM; torchrun would die of it at once
+  and leave the workers saving as orphans of a job the scheduler thinks has ended.
+- torchrun SIGKILLs the workers 30 s after forwarding the signal, which ends any save longer than
+  that (a 30B-A3B DCP save takes minutes) with no checkpoint. Here the launcher waits as long as
+  the workers take: the scheduler's own deadline (Slurm's ``--signal`` lead time and KillWait,
+  Kubernetes' ``terminationGracePeriodSeconds``) is the limit. ``RND1_STOP_GRACE_S`` (seconds)
+  sets a limit of the launcher's own. A second signal while the workers save is passed on to them
+  (the trainer then exits at once, without a checkpoint).
+- torchrun would exit 1 with a ``SignalException`` traceback; here, when every worker exited 0,
+  the launcher prints one line and exits 0; otherwise one line and 128 + the signal number.
+
+A rank that dies (kill -9, the OOM killer) makes the others' collectives fail; they name it in one
+line and exit 3 (``rnd1.parallel.env.collective_timeout_message``), and the launcher adds nothing,
+where torchrun would print its report of every worker.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 
@@ -25,6 +40,8 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, r
 from torch.distributed.run import parse_args, run
 
 BAD_INPUT = 2  # rnd1.train's exit code for bad input
+LOST_PEER = 3  # rnd1.train's exit code when a peer rank died or froze (its one line printed)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP, signal.SIGQUIT)
 # How torchrun stops the remaining workers once one has failed.
 _STOPPED_BY_TORCHRUN = {-signal.SIGTERM, -signal.SIGKILL}
 # The logger that reports worker exits ("failed (exitcode: 2) ...", "Sending process ... SIGTERM").
@@ -36,6 +53,27 @@ def failed_on_bad_input(err: ChildFailedError) -> bool:
     codes = {failure.exitcode for failure in err.failures.values()}
     return BAD_INPUT in codes and codes <= {BAD_INPUT, *_STOPPED_BY_TORCHRUN}
 
+
+def failed_on_lost_peer(err: ChildFailedError) -> bool:
+    """True when a rank was killed by a signal (or froze) and the others stopped on that, having
+    named it in one line (exit 3): the line is the story, not torchrun's report."""
+    codes = {failure.exitcode for failure in err.failures.values()}
+    return LOST_PEER in codes and all(c == LOST_PEER or c < 0 for c in codes)
+
+
+def stop_grace_s() -> float | None:
+    """``RND1_STOP_GRACE_S``: how long the launcher waits for signalled workers before SIGKILL
+    (unset or empty: as long as they take)."""
+    raw = os.environ.get("RND1_STOP_GRACE_S", "").strip()
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if value < 0:
+        raise SystemExit(f"RND1_STOP_GRACE_S={raw!r}: expected seconds >= 0 (or unset: wait for the workers)")
+    return value
 
 class _HoldBack(logging.Filter):
     """Keeps torchrun's worker-exit log lines until the outcome is known: they are noise after a
@@ -53,16 +91,39 @@ class _HoldBack(logging.Filter):
 # Exit codes of the workers torchrun stopped (local rank -> code), recorded when it closes them.
 _closed_exit_codes: dict[int, int | None] = {}
 _original_close = _mp_api.SubprocessContext._close
+_signalled: list[int] = []  # the stop signal this launcher got, once it got one
+_closing: list = []  # the worker context being closed (a second signal is passed on to it)
+_torch_signal_handler = _mp_api._terminate_process_handler
 
 
-def _close_and_record(self, *args, **kwargs):
+def _on_signal(signum, frame):
+    """torchrun's handler (raise SignalException: torchrun forwards the signal and waits), for the
+    first stop signal; a later one goes to the workers, which then exit without saving."""
+    if _signalled:
+        for handle in (_closing[0].subprocess_handlers.values() if _closing else ()):
+            if handle.proc.poll() is None:
+                handle.proc.send_signal(signum)
+        return
+    _signalled.append(signum)
+    _torch_signal_handler(signum, frame)
+
+
+def _close_and_record(self, death_sig=None, timeout=30):
+    """torchrun's close, with the wait after a stop signal set by ``stop_grace_s`` (unbounded by
+    default) instead of 30 s, and the workers' exit codes recorded."""
+    if _signalled:
+        grace = stop_grace_s()
+        timeout = 10 ** 9 if grace is None else grace
+    _closing[:] = [self]
     try:
-        _original_close(self, *args, **kwargs)
+        _original_close(self, death_sig=death_sig, timeout=timeout)
     finally:
+        _closing.clear()
         _closed_exit_codes.update({rank: h.proc.poll() for rank, h in self.subprocess_handlers.items()})
 
 
 _mp_api.SubprocessContext._close = _close_and_record
+_mp_api._terminate_process_handler = _on_signal  # what torchrun installs for the signals it handles
 
 
 def _after_signal(sig: signal.Signals) -> int:
@@ -78,6 +139,9 @@ def _after_signal(sig: signal.Signals) -> int:
 @record
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    stop_grace_s()  # a bad value fails now, not when the scheduler signals
+    for sig in STOP_SIGNALS:  # torchrun installs its own for those it handles; SIGUSR1 is ours
+        signal.signal(sig, _on_signal)
     logger = logging.getLogger(_TEARDOWN_LOGGER)
     hold = _HoldBack()
     logger.addFilter(hold)
@@ -88,10 +152,13 @@ def main(argv: list[str] | None = None) -> int:
         quiet = True  # the signal and the workers' outcome are the story, in one line
         return _after_signal(signal.Signals(e.sigval))
     except ChildFailedError as e:
-        if not failed_on_bad_input(e):
-            raise
-        quiet = True
-        return BAD_INPUT
+        if failed_on_bad_input(e):
+            quiet = True
+            return BAD_INPUT
+        if failed_on_lost_peer(e):
+            quiet = True
+            return LOST_PEER
+        raise
     finally:
         logger.removeFilter(hold)
         if not quiet:

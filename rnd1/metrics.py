@@ -8,6 +8,7 @@ matmul of the training dtype (on CPU there is no datasheet number to quote).
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -126,6 +127,11 @@ def format_eta(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
+class MetricsWriteError(RuntimeError):
+    """The metrics log could not be written (the disk is full): one line, exit 2, like a full disk
+    during a checkpoint save."""
+
+
 class MetricsLogger:
     """Writes one JSON line per logged step (rank 0), echoes a compact console line, and mirrors
     scalars to TensorBoard when it is installed and enabled. ``save_jsonl=False``
@@ -167,7 +173,14 @@ class MetricsLogger:
             return
         record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
         if self._file:
-            self._file.write(json.dumps(record) + "\n")
+            try:
+                self._file.write(json.dumps(record) + "\n")
+            except OSError as e:
+                if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                raise MetricsWriteError(
+                    f"no space left on device while writing {self._file.name} at step {step}; free space, then "
+                    f"run the same command: the run resumes from its newest complete checkpoint") from e
         if self._tb:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k != "step":
@@ -184,7 +197,10 @@ class MetricsLogger:
 
     def close(self):
         if self._file:
-            self._file.close()
+            try:
+                self._file.close()
+            except OSError:  # the buffered tail could not be written (disk full): already reported
+                pass
         if self._tb:
             self._tb.close()
 

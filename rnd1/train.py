@@ -18,13 +18,16 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from rnd1.checkpoint.dcp import CheckpointError, CheckpointManager, checkpoint_info
 from rnd1.config import ConfigError, JobConfig, parse_args, validate
 from rnd1.data.shards import DataError
 from rnd1.diffusion.objective import get_objective
-from rnd1.metrics import MetricsLogger, Throughput, measure_matmul_peak, peak_memory_bytes, router_balance
-from rnd1.parallel.env import DistEnv, barrier, collective_timeout_message, destroy, init_distributed
+from rnd1.metrics import (MetricsLogger, MetricsWriteError, Throughput, measure_matmul_peak, peak_memory_bytes,
+                          router_balance)
+from rnd1.parallel.env import (DistEnv, announce_bad_input, barrier, collective_timeout_message, destroy,
+                               first_to_report, init_distributed, peer_had_bad_input)
 from rnd1.parallel.fsdp import reshard_all
 from rnd1.training import build as B
 from rnd1.training.guards import NonFiniteGuard
@@ -66,6 +69,11 @@ class Trainer:
                       f"estimated) for {cfg.hardware.world_size} ranks; running on {env.world_size}")
         self.datasets = B.ensure_datasets(cfg, self.tokenizer, self.model_cfg, env)
         self.batch = B.batch_plan(cfg, self.parallel)
+        L = cfg.training.seq_len
+        for bs in sorted({b for b in (cfg.objective.block_size, *cfg.objective.block_schedule_sizes)
+                          if 0 < b < L and L % b}):
+            log0(env, f"objective block size {bs} does not divide training.seq_len {L}: the last block of each row "
+                      f"has {L % bs} positions (a shorter block: its own t, scored like the others)")
         B.set_kernel_backends(cfg)
         self.autocast, why = B.resolve_autocast(cfg, env.device)
         B.check_attention_backend(cfg, env.device)
@@ -115,9 +123,17 @@ class Trainer:
             log0(self.env, f"ignoring incomplete checkpoint {stale} (interrupted save)")
         latest = self.ckpt.latest_intact(log=lambda msg: log0(self.env, msg))
         if latest is None:
+            damaged = sorted(p.name for p in self.ckpt.folder.glob("step-*.damaged*")) \
+                if self.ckpt.folder.is_dir() else []
+            if damaged:  # a run that had checkpoints and has none intact: never retrain from 0 on its own
+                raise B.StartupError(
+                    f"{self.ckpt.folder}: no intact checkpoint left (set aside as damaged: {', '.join(damaged)}); "
+                    f"refusing to train this run again from step 0. To start over on purpose, move "
+                    f"{self.ckpt.folder} away (or set job.dump_folder to a new folder)")
             return
         step, path = latest
         self._refuse_other_run(path)
+        self._note_resume_changes(path)
         extra = self.ckpt.load(path, self.model, self.optimizer)
         self.step = step
         same_layout = bool(extra)
@@ -140,13 +156,16 @@ class Trainer:
         log0(self.env, f"resumed from {path} at step {step} ({self.tokens_seen:,} tokens)")
 
     def _refuse_other_run(self, path: Path):
-        """A resume continues THIS run. A checkpoint trained with another objective, model or
-        tokenizer belongs to another run: loading it would fail deep inside DCP, or train the
-        wrong thing, or (a finished run) train nothing and exit 0 as if it had worked."""
+        """A resume continues THIS run. A checkpoint trained with another objective, model,
+        tokenizer, sequence length, seed or parameter dtype belongs to another run: loading it
+        would fail deep inside DCP, or train the wrong thing (another data and noise stream),
+        or (a finished run) train nothing and exit 0 as if it had worked."""
         info = checkpoint_info(path)
-        mine = {"objective.name": ("objective", self.cfg.objective.name),
+        cfg = self.cfg
+        mine = {"objective.name": ("objective", cfg.objective.name),
                 "model": ("model_config", json.loads(json.dumps(self.model_cfg.to_hf_config()))),
-                "tokenizer": ("tokenizer", self.tokenizer.identity())}
+                "tokenizer": ("tokenizer", self.tokenizer.identity()),
+                **{key: (key, value) for key, value in _resume_invariants(cfg).items()}}
         for key, (meta_key, want) in mine.items():
             have = info.get(meta_key)
             if have is None or have == want:  # None: written before the key was recorded
@@ -158,6 +177,14 @@ class Trainer:
                 f"{self.run_dir}: checkpoint {path.name} was trained with {key}={have!r} but this config "
                 f"gives {want!r}; a resume must continue the same run: set job.dump_folder to a new folder "
                 f"(or run with the checkpoint's settings)")
+
+    def _note_resume_changes(self, path: Path) -> None:
+        """What a resume may change, said in one line each (see ``RESUME_MAY_CHANGE``)."""
+        info = checkpoint_info(path)
+        for key, value in _resume_changeable(self.cfg).items():
+            have = info.get(key)
+            if have is not None and have != value:
+                log0(self.env, f"resume changes {key}: {have!r} -> {value!r} ({RESUME_MAY_CHANGE[key]})")
 
     def save_checkpoint(self):
         extra = {
@@ -171,7 +198,8 @@ class Trainer:
             path = self.ckpt.save(self.step, self.model, self.optimizer, extra,
                                   meta={"tokens_seen": self.tokens_seen, "model_config": self.model_cfg.to_hf_config(),
                                         "objective": self.cfg.objective.name, "tokenizer": self.tokenizer.identity(),
-                                        "block_size": self.cfg.objective.block_size})
+                                        "block_size": self.cfg.objective.block_size,
+                                        **_resume_invariants(self.cfg), **_resume_changeable(self.cfg)})
         except CheckpointError as e:
             if str(e).startswith("no space left on device"):  # one line (exit 2), not a traceback
                 raise B.StartupError(str(e)) from e
@@ -278,7 +306,9 @@ class Trainer:
                            mask_id=self.model_cfg.mask_token_id, seed=self.cfg.eval.val_seed)
 
     # ----------------------------------------------------------------- loop
-    def train(self):
+    def train(self, preempt: PreemptionHandler | None = None):
+        """Train to the end, or until a stop signal (``preempt``, installed by ``main`` before
+        start-up so a signal during start-up is not fatal either)."""
         cfg, env = self.cfg, self.env
         total_steps = self.batch.total_steps
         log0(env, f"model {cfg.model.name}: {self.model_cfg.param_counts()['total']:,} params "
@@ -287,10 +317,15 @@ class Trainer:
                   f"{self.batch.global_batch_tokens:,} tokens (micro-batch {cfg.training.local_batch_size} x "
                   f"{cfg.training.seq_len}, grad accum {self.batch.grad_accum}, dp {self.parallel.dp_size}); "
                   f"peak {self.peak_flops / 1e12:.2f} TFLOP/s per process")
-        preempt = PreemptionHandler(watch_parent=_under_torchrun())
+        own_handler = preempt is None  # main's handler stays until the process exits (a failure after
+        preempt = preempt or PreemptionHandler(watch_parent=_under_torchrun())  # this one is not fatal)
         t_start = time.perf_counter()
         start_step = self.step
         try:
+            if self.step < total_steps and preempt.should_stop(env.device):
+                log0(env, f"{preempt.reason} before step {self.step + 1}: nothing new to save "
+                          f"(the run resumes from step {self.step}); exiting")
+                return
             while self.step < total_steps:
                 self._update_attention_mode()
                 m = self.train_step()
@@ -317,7 +352,8 @@ class Trainer:
                     log0(env, f"preempted: checkpoint saved at step {self.step}; exiting")
                     return
         finally:
-            preempt.restore()
+            if own_handler:
+                preempt.restore()
             self.metrics.close()
         if cfg.checkpoint.export_hf_at_end:
             path = B.export_hf(cfg, self.model, self.run_dir, self.model_cfg, self.tokenizer)
@@ -326,11 +362,40 @@ class Trainer:
                   f"{time.perf_counter() - t_start:.1f}s")
 
 
+# What a resume must keep: the data order and the masking noise are drawn per sequence of
+# training.seq_len from training.seed, so another length or seed silently trains a different
+# stream (no longer the run the checkpoint belongs to); parameters and optimiser state are stored
+# in model.dtype, so another dtype silently casts them.
+def _resume_invariants(cfg) -> dict:
+    return {"training.seq_len": cfg.training.seq_len, "training.seed": cfg.training.seed,
+            "model.dtype": cfg.model.dtype}
+
+
+# What a resume may change, and why it is safe (said in one line when it changes).
+RESUME_MAY_CHANGE = {
+    "training.local_batch_size": "the data continues at the same global sample; the lr schedule is in tokens",
+    "training.global_batch_tokens": "the data continues at the same global sample; the lr schedule is in tokens",
+}
+
+
+def _resume_changeable(cfg) -> dict:
+    return {"training.local_batch_size": cfg.training.local_batch_size,
+            "training.global_batch_tokens": cfg.training.global_batch_tokens}
+
+
 def _bad_input(message: str) -> int:
-    """Exit code 2, after one line that names the culprit. Every rank meets the same bad input
-    (same config, same files), and copies from several ranks interleave, so only local rank 0 of
-    each node prints; the others exit with the same code, silently (rnd1.launch relies on it)."""
-    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+    """Exit code 2, after one line that names the culprit. Every rank may meet the same bad input
+    (same config, same files) and copies from several ranks interleave, so the first rank of the
+    job to report prints (``first_to_report``, through the rendezvous store; local rank 0 when
+    there is none) and the others exit with the same code, silently (rnd1.launch relies on it).
+    The other ranks are told (``announce_bad_input``): one waiting for this rank in a collective
+    then exits 2 quietly when this rank leaves, instead of with the transport's traceback."""
+    announce_bad_input()
+    if dist.is_available() and dist.is_initialized():
+        first = first_to_report()
+    else:
+        first = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    if first:
         print(message, file=sys.stderr, flush=True)
     return 2
 
@@ -342,13 +407,17 @@ def _under_torchrun() -> bool:
 def main(argv: list[str] | None = None) -> int:
     if _under_torchrun():
         stop_with_parent()  # kill -9 on the launcher: SIGTERM here, a graceful save, not an orphan
+    # Stop signals are caught from here on: one during start-up (loading a checkpoint) is not
+    # fatal, the run stops before its first step (exit 0).
+    preempt = PreemptionHandler(watch_parent=_under_torchrun())
     try:
         cfg = parse_args(sys.argv[1:] if argv is None else argv)
         env = init_distributed(cfg.training.device, timeout_s=cfg.training.collective_timeout_s)
         validate(cfg, env.world_size)
     except ConfigError as e:
+        code = _bad_input(f"config error: {e}")
         destroy()
-        return _bad_input(f"config error: {e}")
+        return code
     if env.device.type == "cpu" and cfg.training.cpu_keep_freed_memory:
         from rnd1.training.cpu_malloc import keep_freed_memory
 
@@ -360,16 +429,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if lock is not None:
             lock.acquire()
-        Trainer(cfg, env).train()
-    except (B.StartupError, RunLockError) as e:
-        # no barrier: a rank that did not fail may be waiting in a collective (torchrun stops it)
+        Trainer(cfg, env).train(preempt)
+    except (B.StartupError, RunLockError, MetricsWriteError) as e:
+        # no barrier: a rank that did not fail may be waiting in a collective (it is told, below)
+        code = _bad_input(f"error: {e}")
         destroy()
-        return _bad_input(f"error: {e}")
+        return code
     except RuntimeError as e:  # after StartupError, which is a RuntimeError too
-        msg = collective_timeout_message(e)  # a peer stopped answering: name it in one line
+        if peer_had_bad_input():  # a peer stopped on bad input and said so: its line is the story
+            return 2  # no destroy(): the peer is gone
+        msg = collective_timeout_message(e)  # a peer stopped answering or died: name it in one line
         if msg is None:
             raise
-        print(f"error: {msg}", file=sys.stderr, flush=True)
+        if first_to_report():
+            print(f"error: {msg}", file=sys.stderr, flush=True)
         return 3  # no destroy(): it can block after a timeout
     finally:
         if lock is not None:

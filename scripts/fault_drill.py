@@ -5,9 +5,20 @@ uninterrupted run's, bit for bit.
 
     python scripts/fault_drill.py --kills 5 --steps 60          # about a minute on 2 CPU cores
 
-After the kills come two cluster faults: a scheduler preemption (SIGTERM to every process of the
-job, launcher included: one save at the step reached, exit 0) and silent corruption of the newest
-checkpoint (the resume must detect it, set it aside and fall back to an intact one).
+After the kills come the scheduler's faults and one cluster fault:
+
+- a stop signal to every process of the job, launcher included, as Slurm and Kubernetes send it:
+  SIGTERM, SIGUSR1 (Slurm's usual ``--signal``) and SIGHUP, each with every checkpoint save slowed
+  to ``--slow-save`` seconds and torchrun's close timeout set to 1 s, so the save outlasts the
+  timeout torchrun would SIGKILL at (30 s by default; a 30B-A3B save takes minutes). Expected:
+  one save at the step reached, exit 0;
+- SIGTERM during start-up, after "resumed from" and before the next step (start-up slowed by the
+  same hook): exit 0, nothing new to save;
+- silent corruption of the newest checkpoint (the resume must detect it, set it aside and fall
+  back to an intact one).
+
+``--dead-rank`` adds a two-process drill: rank 1 is SIGKILLed mid-run (one line naming it, exit
+3), the run is resumed, and its weights and loss log must equal an uninterrupted two-process run's.
 
 A save has three phases a kill can interrupt (``SAVE_PHASES``): ``writing`` (the ``.step-*.tmp``
 folder holds DCP's shards, not yet this rank's extra state, manifest or COMPLETE marker),
@@ -37,6 +48,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SAVE_PHASES = ("writing", "sealing", "publishing")
+SCHEDULER_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)
+FAULT_HOOKS = REPO / "scripts" / "fault_hooks"  # sitecustomize: RND1_FAULT_SLOW slows named functions
 
 # Run rnd1.train with a stop in one phase of a checkpoint save: RND1_DRILL_PHASE names the phase,
 # RND1_DRILL_SKIP how many saves to let through first, RND1_DRILL_MARK the file written (with the
@@ -115,41 +128,116 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
-def launcher_cmd(run_dir: Path, data: Path, steps: int, interval: int) -> list[str]:
+def launcher_cmd(run_dir: Path, data: Path, steps: int, interval: int, nproc: int = 1) -> list[str]:
     """The trainer under rnd1.launch (torchrun), as run_train.sh starts it."""
     cmd = train_cmd(run_dir, data, steps, interval)
-    return [sys.executable, "-m", "rnd1.launch", "--standalone", "--nnodes=1", "--nproc_per_node=1"] + cmd[1:]
+    if nproc > 1:  # the two-process layout: EP 2
+        cmd = [c.replace("debug_model.toml", "debug_model_ep.toml") for c in cmd]
+    return [sys.executable, "-m", "rnd1.launch", "--standalone", "--nnodes=1", f"--nproc_per_node={nproc}"] + cmd[1:]
+
+
+def _hooked(env: dict, slow: str) -> dict:
+    """``env`` with the fault hooks on the path and ``slow`` (module:function:seconds) slowed."""
+    return {**env, "PYTHONPATH": os.pathsep.join([str(FAULT_HOOKS), env.get("PYTHONPATH", "")]),
+            "RND1_FAULT_SLOW": slow}
 
 
 def scheduler_signal(run_dir: Path, data: Path, steps: int, interval: int, rng: random.Random, env: dict,
-                     log=print) -> dict | None:
-    """A scheduler preemption: SIGTERM to every process of the job (launcher and worker, as
-    Slurm and Kubernetes send it) once the run is past a random step. Expected: one graceful
-    save at the step reached, exit 0."""
+                     sig: signal.Signals = signal.SIGTERM, slow_save_s: float = 3.0, log=print) -> dict | None:
+    """A scheduler preemption: ``sig`` to every process of the job (launcher and worker, as Slurm
+    and Kubernetes send it) once the run is past a random step, every save slowed to
+    ``slow_save_s`` and torchrun's close timeout set to 1 s. Expected: one graceful save at the
+    step reached, exit 0."""
     done = max(losses(run_dir), default=0) if (run_dir / "metrics.jsonl").exists() else 0
     if done >= steps - 2:
-        log("scheduler signal: skipped (the run is nearly finished)")
+        log(f"scheduler {sig.name}: skipped (the run is nearly finished)")
         return None
-    target = rng.randint(done + 1, steps - 2)
+    target = rng.randint(done + 1, min(done + 3, steps - 2))
+    env = {**_hooked(env, f"rnd1.checkpoint.dcp:CheckpointManager.save:{slow_save_s}"),
+           "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "1"}
     proc = subprocess.Popen(launcher_cmd(run_dir, data, steps, interval), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
     while proc.poll() is None and not ((run_dir / "metrics.jsonl").exists()
                                        and max(_safe_losses(run_dir), default=0) >= target):
         time.sleep(0.005)
     if proc.poll() is not None:
-        log(f"scheduler signal: the run ended before it ({proc.returncode})")
+        log(f"scheduler {sig.name}: the run ended before it ({proc.returncode})")
         return None
-    os.killpg(proc.pid, signal.SIGTERM)  # every process of the tree
+    os.killpg(proc.pid, sig)  # every process of the tree
     _, err = proc.communicate(timeout=300)
     from rnd1.checkpoint.dcp import CheckpointManager
 
     latest = CheckpointManager(run_dir / "checkpoint", 0).latest()
     reached = max(_safe_losses(run_dir), default=0)
-    res = {"exit": proc.returncode, "saved_step": latest[0] if latest else None, "step_reached": reached,
-           "traceback": "Traceback" in err}
-    log(f"scheduler signal: SIGTERM to the whole job after step {reached}: exit {proc.returncode}, checkpoint at "
-        f"step {res['saved_step']}{', TRACEBACK' if res['traceback'] else ''}")
+    res = {"signal": sig.name, "exit": proc.returncode, "saved_step": latest[0] if latest else None,
+           "step_reached": reached, "traceback": "Traceback" in err}
+    log(f"scheduler {sig.name} to the whole job after step {reached} (saves take {slow_save_s:g} s, torchrun's "
+        f"close timeout 1 s): exit {proc.returncode}, checkpoint at step {res['saved_step']}"
+        f"{', TRACEBACK' if res['traceback'] else ''}")
     return res
+
+
+def signal_before_first_step(run_dir: Path, data: Path, steps: int, interval: int, env: dict, log=print) -> dict:
+    """SIGTERM to the whole job after the worker printed "resumed from" and before its next step
+    (the start-up kernel measurement slowed to 3 s). Expected: exit 0, nothing new saved."""
+    from rnd1.checkpoint.dcp import CheckpointManager
+
+    before = CheckpointManager(run_dir / "checkpoint", 0).latest()
+    proc = subprocess.Popen(launcher_cmd(run_dir, data, steps, interval), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env=_hooked(env, "rnd1.training.build:autotune_kernels:3"))
+    out = []
+    for line in proc.stdout:
+        out.append(line)
+        if "resumed from" in line:
+            os.killpg(proc.pid, signal.SIGTERM)
+            break
+    rest, err = proc.communicate(timeout=300)
+    text = "".join(out) + rest
+    after = CheckpointManager(run_dir / "checkpoint", 0).latest()
+    res = {"exit": proc.returncode, "said": "nothing new to save" in text, "checkpoint_unchanged": before == after,
+           "traceback": "Traceback" in err + text}
+    log(f"SIGTERM before the first step: exit {proc.returncode}, "
+        f"{'said nothing new to save' if res['said'] else 'did NOT say so'}, checkpoint "
+        f"{'unchanged' if res['checkpoint_unchanged'] else 'CHANGED'}")
+    return res
+
+
+def dead_rank(steps: int, interval: int, data: Path, work: Path, env: dict, log=print) -> dict:
+    """Two processes: SIGKILL rank 1 mid-run (expected: one line naming it, exit 3), resume, and
+    compare with an uninterrupted two-process run, bit for bit."""
+    ref, run = work / "reference_2proc", work / "drilled_2proc"
+    subprocess.run(launcher_cmd(ref, data, steps, interval, nproc=2), check=True, capture_output=True, env=env)
+    proc = subprocess.Popen(launcher_cmd(run, data, steps, interval, nproc=2), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    while proc.poll() is None and not ((run / "metrics.jsonl").exists()
+                                       and max(_safe_losses(run), default=0) >= steps // 2):
+        time.sleep(0.005)
+    kids = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    victim = next(int(p) for p in kids if b"LOCAL_RANK=1" in Path(f"/proc/{p}/environ").read_bytes().split(b"\0"))
+    os.kill(victim, signal.SIGKILL)
+    _, err = proc.communicate(timeout=300)
+    lines = err.strip().splitlines()
+    one_line = len(lines) == 1 and "rank 1 died" in lines[0]
+    log(f"dead rank: SIGKILL to rank 1 after step {max(_safe_losses(run), default=0)}: exit {proc.returncode}, "
+        f"{'one line: ' + lines[0][:90] if one_line else f'{len(lines)} lines'}")
+    subprocess.run(launcher_cmd(run, data, steps, interval, nproc=2), check=True, capture_output=True, env=env)
+    a, b = losses(ref), losses(run)
+    wa = _weights_of(ref, "debug")
+    wb = _weights_of(run, "debug")
+    return {"exit": proc.returncode, "one_line": one_line,
+            "loss_steps_differing": [s for s in a if a.get(s) != b.get(s)] + [s for s in b if s not in a],
+            "weights_differing": [k for k in wa if not torch.equal(wa[k], wb[k])]}
+
+
+def _weights_of(run_dir: Path, preset: str) -> dict[str, torch.Tensor]:
+    from rnd1.checkpoint.dcp import load_model_weights
+    from rnd1.model.config import get_preset
+    from rnd1.model.qwen3 import build_model
+
+    model = build_model(get_preset(preset), seed=12345)
+    load_model_weights(model, run_dir / "checkpoint")
+    return {k: v.clone() for k, v in model.state_dict().items()}
 
 
 def corrupt_newest_checkpoint(run_dir: Path, log=print) -> str | None:
@@ -171,7 +259,8 @@ def corrupt_newest_checkpoint(run_dir: Path, log=print) -> str | None:
     return str(shard.relative_to(run_dir))
 
 
-def drill(kills: int, steps: int, interval: int, seed: int, work: Path, log=print) -> dict:
+def drill(kills: int, steps: int, interval: int, seed: int, work: Path, log=print, slow_save_s: float = 3.0,
+          with_dead_rank: bool = False) -> dict:
     from rnd1.data.prepare import prepare
 
     data = prepare(["stdlib"], "byte", work / "data", val_fraction=0.05, workers=1, max_docs=200, quiet=True)
@@ -193,7 +282,7 @@ def drill(kills: int, steps: int, interval: int, seed: int, work: Path, log=prin
             break
         # one kill in each save phase first, then a random mix of phases and mid-training kills
         phase = SAVE_PHASES[k] if k < len(SAVE_PHASES) else rng.choice(SAVE_PHASES + ("step",))
-        target = rng.randint(done + 1, steps - 1)
+        target = rng.randint(done + 1, max(done + 1, steps // 2))  # the second half is the scheduler cases'
         mark.unlink(missing_ok=True)
         proc = subprocess.Popen(train_cmd(run_dir, data, steps, interval, hooked=True), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL,
@@ -217,7 +306,9 @@ def drill(kills: int, steps: int, interval: int, seed: int, work: Path, log=prin
                 f"{f' in the {landed!r} phase of a checkpoint save' if landed else ''}")
         else:
             log(f"kill {k + 1}: the run finished before the kill ({phase})")
-    scheduler = scheduler_signal(run_dir, data, steps, interval, rng, env, log)
+    scheduler = [r for sig in SCHEDULER_SIGNALS
+                 if (r := scheduler_signal(run_dir, data, steps, interval, rng, env, sig, slow_save_s, log))]
+    early = signal_before_first_step(run_dir, data, steps, interval, env, log)
     corrupted = corrupt_newest_checkpoint(run_dir, log)
     final = subprocess.run(train_cmd(run_dir, data, steps, interval), capture_output=True, text=True, env=env)
     if final.returncode:
@@ -229,8 +320,10 @@ def drill(kills: int, steps: int, interval: int, seed: int, work: Path, log=prin
     loss_diffs = [s for s in a if a.get(s) != b.get(s)] + [s for s in b if s not in a]
     wa, wb = final_weights(ref_dir), final_weights(run_dir)
     weight_diffs = [k for k in wa if not torch.equal(wa[k], wb[k])]
+    dead = dead_rank(steps, interval, data, work, env, log) if with_dead_rank else None
     return {"kills": survived, "during_save": sum(phases.values()), "save_phases": phases,
-            "scheduler_signal": scheduler, "corrupted": corrupted, "set_aside": set_aside,
+            "scheduler_signals": scheduler, "before_first_step": early, "dead_rank": dead,
+            "corrupted": corrupted, "set_aside": set_aside,
             "loss_steps_differing": loss_diffs,
             "weights_differing": weight_diffs, "steps": len(b)}
 
@@ -242,16 +335,28 @@ def main(argv=None) -> int:
     ap.add_argument("--interval", type=int, default=5, help="checkpoint interval (steps)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", help="work folder (default: a temporary one)")
+    ap.add_argument("--slow-save", type=float, default=3.0, help="seconds every save takes in the scheduler cases")
+    ap.add_argument("--dead-rank", action="store_true", help="also the two-process dead-rank drill")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        res = drill(args.kills, args.steps, args.interval, args.seed, Path(args.work or tmp))
+        res = drill(args.kills, args.steps, args.interval, args.seed, Path(args.work or tmp),
+                    slow_save_s=args.slow_save, with_dead_rank=args.dead_rank)
     per_phase = ", ".join(f"{n} {ph}" for ph, n in res["save_phases"].items())
     print(f"kills survived: {res['kills']} ({res['during_save']} during a checkpoint save: {per_phase}); "
           f"loss log: {res['steps']} steps, {len(res['loss_steps_differing'])} differ; "
           f"final weights: {len(res['weights_differing'])} tensors differ")
-    sched = res["scheduler_signal"]
-    if sched is not None and (sched["exit"] != 0 or sched["traceback"] or sched["saved_step"] != sched["step_reached"]):
-        print(f"SCHEDULER SIGNAL: expected one save at the step reached and exit 0, got {sched}")
+    for sched in res["scheduler_signals"]:
+        if sched["exit"] != 0 or sched["traceback"] or sched["saved_step"] != sched["step_reached"]:
+            print(f"SCHEDULER {sched['signal']}: expected one save at the step reached and exit 0, got {sched}")
+            return 1
+    early = res["before_first_step"]
+    if early["exit"] != 0 or not early["said"] or not early["checkpoint_unchanged"] or early["traceback"]:
+        print(f"SIGNAL BEFORE THE FIRST STEP: expected exit 0, nothing saved, said so; got {early}")
+        return 1
+    dead = res["dead_rank"]
+    if dead is not None and (dead["exit"] != 3 or not dead["one_line"] or dead["loss_steps_differing"]
+                             or dead["weights_differing"]):
+        print(f"DEAD RANK: expected one line, exit 3 and a bit-exact resume; got {dead}")
         return 1
     if res["corrupted"] and not res["set_aside"]:
         print(f"CORRUPTION of {res['corrupted']} was not detected")

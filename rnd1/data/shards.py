@@ -230,9 +230,12 @@ class TokenDataset:
             raise DataError(f"{meta_path} is missing: {self.folder} is not a finished dataset "
                             f"(re-run scripts/prepare_data.py)")
         try:
-            self.meta = json.loads(meta_path.read_text())
+            self.meta = json.loads(meta_path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise DataError(f"{meta_path}: invalid JSON ({e})") from e
+        except UnicodeDecodeError as e:
+            raise DataError(f"{meta_path}: not UTF-8 text (byte {e.start}: {e.reason}); a damaged file? "
+                            f"re-run scripts/prepare_data.py") from e
         if not isinstance(self.meta, dict):
             raise DataError(f"{meta_path}: expected a JSON object, got {type(self.meta).__name__}")
         if self.meta.get("format") not in FORMATS:

@@ -24,15 +24,23 @@ from rnd1.model.moe import MoE
 from rnd1.parallel.dims import ParallelDims
 
 
+# The flattened ``dp_shard`` mesh of each root mesh, kept as torch asks ("users need to bookkeep the
+# flattened mesh directly"): slicing it back out of the root prints a deprecation warning per rank.
+_FLAT_DP_SHARD: dict[int, DeviceMesh] = {}
+
+
 def build_mesh(dims: ParallelDims, device_type: str) -> DeviceMesh:
     shape = (dims.dp_replicate, dims.dp_shard // dims.ep, dims.ep)
     mesh = init_device_mesh(device_type, shape, mesh_dim_names=("dp_replicate", "dp_shard_mod_ep", "ep"))
-    mesh["dp_shard_mod_ep", "ep"]._flatten(mesh_dim_name="dp_shard")
+    _FLAT_DP_SHARD[id(mesh)] = mesh["dp_shard_mod_ep", "ep"]._flatten(mesh_dim_name="dp_shard")
     return mesh
 
 
 def dense_mesh(mesh: DeviceMesh, dims: ParallelDims) -> DeviceMesh:
-    return mesh["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else mesh["dp_shard"]
+    if dims.dp_replicate > 1:
+        return mesh["dp_replicate", "dp_shard"]
+    flat = _FLAT_DP_SHARD.get(id(mesh))
+    return flat if flat is not None else mesh["dp_shard"]
 
 
 def expert_fsdp_mesh(mesh: DeviceMesh, dims: ParallelDims) -> DeviceMesh:

@@ -1,5 +1,8 @@
-"""Graceful preemption: on SIGTERM, SIGUSR1 or SIGINT (Ctrl-C) the current step finishes, a
-checkpoint is saved and the run exits 0.
+"""Graceful preemption: on SIGTERM, SIGUSR1, SIGHUP, SIGQUIT or SIGINT (Ctrl-C) the current step
+finishes, a checkpoint is saved and the run exits 0. Slurm sends SIGTERM at the time limit (or the
+signal ``--signal`` names, often SIGUSR1, ahead of it), Kubernetes SIGTERM, a closed terminal or
+ssh session SIGHUP. The handler is installed when the trainer starts, before any checkpoint is
+read: a signal during start-up stops the run before its first step, with nothing new to save.
 
 One preemption is one save, however many copies of the signal arrive: a scheduler (Slurm,
 Kubernetes) signals every process of the job, so a worker gets the signal both directly and again
@@ -22,7 +25,7 @@ import time
 import torch
 import torch.distributed as dist
 
-SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP, signal.SIGQUIT, signal.SIGINT)
 GRACE_S = 2.0  # copies of one preemption arrive within this window
 PR_SET_PDEATHSIG = 1
 
@@ -56,6 +59,11 @@ class PreemptionHandler:
     def requested(self) -> bool:
         return self._requested_at is not None
 
+    @property
+    def reason(self) -> str:
+        """What asked the run to stop ("SIGTERM", "the launcher's exit"), once requested."""
+        return self._reason
+
     def _handle(self, signum, frame):
         name = signal.Signals(signum).name
         now = time.monotonic()
@@ -65,6 +73,7 @@ class PreemptionHandler:
             print(f"[rnd1] second {name}: exiting now, without a checkpoint", flush=True)
             os._exit(128 + signum)
         self._requested_at = now
+        self._reason = name
         if signum == signal.SIGINT:
             print("[rnd1] Ctrl-C: finishing this step, then checkpoint and exit "
                   f"(Ctrl-C again after {GRACE_S:.0f}s exits at once)", flush=True)
@@ -74,6 +83,7 @@ class PreemptionHandler:
     def _check_parent(self) -> None:
         if self._parent is not None and self._requested_at is None and os.getppid() != self._parent:
             self._requested_at = time.monotonic()
+            self._reason = "the launcher's exit"
             print(f"[rnd1] launcher (pid {self._parent}) is gone: checkpoint and exit", flush=True)
 
     def should_stop(self, device: torch.device | str = "cpu") -> bool:

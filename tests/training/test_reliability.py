@@ -114,17 +114,26 @@ def test_fault_drill_is_bit_exact(tmp_path):
     spec = importlib.util.spec_from_file_location("fault_drill", REPO / "scripts" / "fault_drill.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    res = mod.drill(kills=4, steps=24, interval=3, seed=1, work=tmp_path, log=lambda *_: None)
+    lines = []
+    res = mod.drill(kills=4, steps=40, interval=3, seed=1, work=tmp_path, log=lines.append, slow_save_s=1.5,
+                    with_dead_rank=True)
     assert res["kills"] >= 3
     # one kill provably inside each phase of a save (the trainer stopped itself there), none counted
     # for a stale temp folder left by an earlier kill
     assert set(res["save_phases"]) == {"writing", "sealing", "publishing"}
     assert min(res["save_phases"].values()) >= 1 and res["during_save"] <= res["kills"]
-    # a scheduler preemption (SIGTERM to launcher and worker): one save at the step reached, exit 0
-    sched = res["scheduler_signal"]
-    assert sched is not None and sched["exit"] == 0 and not sched["traceback"]
-    assert sched["saved_step"] == sched["step_reached"]
+    # scheduler preemptions (SIGTERM, SIGUSR1, SIGHUP to launcher and worker, every save longer than
+    # torchrun's close timeout): one save at the step reached, exit 0
+    assert [r["signal"] for r in res["scheduler_signals"]] == ["SIGTERM", "SIGUSR1", "SIGHUP"], lines
+    for sched in res["scheduler_signals"]:
+        assert sched["exit"] == 0 and not sched["traceback"], sched
+        assert sched["saved_step"] == sched["step_reached"], sched
+    early = res["before_first_step"]  # SIGTERM after "resumed from", before the next step
+    assert early == {"exit": 0, "said": True, "checkpoint_unchanged": True, "traceback": False}, early
+    dead = res["dead_rank"]  # two processes, rank 1 SIGKILLed, resumed: one line, then bit-exact
+    assert dead["exit"] == 3 and dead["one_line"], lines
+    assert dead["loss_steps_differing"] == [] and dead["weights_differing"] == [], dead
     # silent corruption of the newest checkpoint: detected, set aside, resume from an intact one
     assert res["corrupted"] and len(res["set_aside"]) == 1
     assert res["loss_steps_differing"] == [] and res["weights_differing"] == []
-    assert res["steps"] == 24
+    assert res["steps"] == 40
