@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 import struct
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -148,12 +149,35 @@ def diffusion_generate(model, prompts: list[list[int]], *, gen_length: int, step
                          f"objective (a2d, mdlm)")
     if objective.shift and any(len(p) == 0 for p in prompts):
         raise ValueError(f"{objective.name} sampling needs a non-empty prompt (position 0 has no prediction)")
-    if getattr(objective, "block_size", None) is not None:
-        return _block_generate(model, prompts, gen_length=gen_length, steps=steps, mask_id=mask_id,
-                               objective=objective, block_length=block_length, strategy=strategy,
-                               threshold=threshold, temperature=temperature, top_k=top_k, top_p=top_p,
-                               eos_id=eos_id, suffixes=suffixes, generator=generator, pad_id=pad_id,
-                               vocab_limit=vocab_limit, kv_cache=kv_cache)
+    kw = dict(gen_length=gen_length, steps=steps, mask_id=mask_id, objective=objective, block_length=block_length,
+              strategy=strategy, threshold=threshold, temperature=temperature, top_k=top_k, top_p=top_p,
+              eos_id=eos_id, suffixes=suffixes, generator=generator, pad_id=pad_id, vocab_limit=vocab_limit)
+    with _attention_of(model, objective):
+        if getattr(objective, "block_size", None) is not None:
+            return _block_generate(model, prompts, kv_cache=kv_cache, **kw)
+        return _semi_ar_generate(model, prompts, **kw)
+
+
+@contextmanager
+def _attention_of(model, objective):
+    """Run the model with the attention its objective was trained with, whatever mode it was left
+    in (``build_model`` builds causal models): in causal mode a cached block forward (fewer queries
+    than keys, no mask) would get SDPA's top-left causal triangle and see only the first cached
+    keys, and the cached and uncached samplers would disagree. The mode is restored afterwards."""
+    before = getattr(model, "attention_mode", None)
+    switch = hasattr(model, "set_attention_mode") and before is not None and before != objective.attention
+    if switch:
+        model.set_attention_mode(objective.attention)
+    try:
+        yield
+    finally:
+        if switch:
+            model.set_attention_mode(before)
+
+
+def _semi_ar_generate(model, prompts, *, gen_length, steps, mask_id, objective, block_length, strategy, threshold,
+                      temperature, top_k, top_p, eos_id, suffixes, generator, pad_id, vocab_limit) -> GenerationOutput:
+    """A2D / MDLM sampling over the whole sequence, ``block_length`` positions at a time."""
     block_length = block_length or gen_length
     n_blocks = math.ceil(gen_length / block_length)
     if steps < n_blocks:

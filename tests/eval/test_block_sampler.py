@@ -56,6 +56,21 @@ def test_cached_equals_uncached(model, name, bs, prompt):
 
 
 @pytest.mark.parametrize("name", ["block_a2d", "block_mdlm"])
+def test_cached_equals_uncached_whatever_mode_the_model_was_left_in(name):
+    """build_model's default is causal: the sampler must attend as its objective does (a cached
+    block forward in causal mode would see only the first cached keys), and leave the mode as it
+    found it."""
+    causal = build_model(get_preset("debug"), seed=0).eval()
+    assert causal.attention_mode == "causal"
+    obj = get_objective(name, block_size=4)
+    a, b = _both(causal, [[5, 6, 7, 8, 9]], obj)
+    assert a.tokens == b.tokens and causal.attention_mode == "causal"
+    c, _ = _both(build_model(get_preset("debug"), seed=0, attention_mode="bidirectional").eval(), [[5, 6, 7, 8, 9]],
+                 obj)
+    assert c.tokens == a.tokens  # the same tokens as from the model in its objective's mode
+
+
+@pytest.mark.parametrize("name", ["block_a2d", "block_mdlm"])
 @pytest.mark.parametrize("strategy,threshold", [("confidence", None), ("rnd1", None), ("margin", 0.01)])
 def test_ragged_batch_cached_equals_uncached_and_rows_alone(model, name, strategy, threshold):
     obj = get_objective(name, block_size=4)
