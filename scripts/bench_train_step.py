@@ -209,7 +209,8 @@ def autotune(a, mcfg, optimizer, env=None, ep: int = 1) -> list[str]:
 
     from rnd1.training.build import autotune_kernels
 
-    cfg = NS(kernels=NS(grouped_mm=a.grouped_mm, cross_entropy="auto"), optimizer=NS(implementation=a.optimizer))
+    cfg = NS(kernels=NS(grouped_mm=a.grouped_mm, cross_entropy="auto"), optimizer=NS(implementation=a.optimizer),
+             model=NS(attention_backend="auto"), training=NS(document_masking=False))
     dtype = torch.float32 if a.dtype == "fp32" else torch.bfloat16
     env = env or NS(device=torch.device("cpu"), is_rank0=True)
     return autotune_kernels(cfg, mcfg, NS(local_batch_size=a.batch, seq_len=a.seq), NS(ep=ep), env,

@@ -5,7 +5,6 @@ compilation: forward and backward (torch's eager FlexAttention on the CPU, tests
 with the blocks compiled around the EP all-to-all: forward (torch has no compiled CPU backward).
 Prints one JSON line per rank, in rank order."""
 
-import json
 import sys
 import warnings
 from pathlib import Path
@@ -16,6 +15,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for flex_cpu
 from flex_cpu import flex_gradients_on_cpu  # noqa: E402
+from rank_order import print_in_rank_order  # noqa: E402  (this folder: the script's own)
 
 from rnd1.model.attention_masks import TwoStream  # noqa: E402
 from rnd1.model.config import get_preset  # noqa: E402
@@ -71,10 +71,7 @@ def main():
             res[name]["grads"] = len(gs)
             res[name]["grad"] = max(((gf[n] - gs[n]).abs().max() / gs[n].abs().max().clamp_min(1e-12)).item()
                                     for n in gs)
-    for r in range(env.world_size):  # one line per rank, in rank order (they share torchrun's stdout)
-        if r == env.rank:
-            print(json.dumps(res), flush=True)
-        dist.barrier()
+    print_in_rank_order(res)
     dist.destroy_process_group()
 
 

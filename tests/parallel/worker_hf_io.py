@@ -11,7 +11,6 @@ the peak. One JSON line per rank, rank order."""
 
 from __future__ import annotations
 
-import json
 import sys
 import warnings
 from pathlib import Path
@@ -22,6 +21,11 @@ import torch.distributed as dist
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+
+try:  # imported by test_hf_sliced_import (a package module) or run by torchrun as a script
+    from .rank_order import print_in_rank_order
+except ImportError:
+    from rank_order import print_in_rank_order
 
 warnings.simplefilter("ignore")
 
@@ -134,10 +138,7 @@ def main():
         save_pretrained(sliced, out, max_shard_size=limit, dtype=ckpt_dtype)
     res["export_peak"] = mem.peak
     dist.barrier()
-    for r in range(env.world_size):  # one line per rank, in rank order
-        if r == env.rank:
-            print(json.dumps(res), flush=True)
-        dist.barrier()
+    print_in_rank_order(res)
     dist.destroy_process_group()
 
 

@@ -58,13 +58,9 @@ def main():
     if mode == "real" and world > 1:
         import torch.distributed as dist
 
-        # Ranks share torchrun's stdout pipe and print() writes the line and its newline
-        # separately, so two ranks printing at once can interleave into one unparsable line
-        # (it happened in CI). One rank at a time, in rank order.
-        for r in range(world):
-            if r == rank:
-                print(json.dumps(out), flush=True)
-            dist.barrier()
+        from rank_order import print_in_rank_order
+
+        print_in_rank_order(out)
         dist.destroy_process_group()
     else:
         print(json.dumps(out), flush=True)
