@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 import torch
 
 from rnd1.diffusion.objective import Objective, get_objective
+from rnd1.model.attention_masks import Explicit
 
 STRATEGIES = ("confidence", "margin", "entropy", "random", "rnd1")
 
@@ -46,10 +47,19 @@ class GenerationOutput:
     nfe: int  # forward passes
     seconds: float
     commit_order: list[list[int]] = field(default_factory=list)  # per row: region offsets in commit order
+    row_forwards: list[int] = field(default_factory=list)  # per row: forwards while the row was still decoding
 
     @property
     def tokens_per_s(self) -> float:
         return sum(len(t) for t in self.tokens) / max(self.seconds, 1e-9)
+
+    @property
+    def tokens_per_forward(self) -> float:
+        """Generated tokens (EOS-truncated) per forward a row took part in, over the batch: how many
+        tokens one forward decodes (LLaDA 2.0's "tokens per forward pass"); ``nfe`` per row when the
+        sampler did not count per row."""
+        forwards = sum(self.row_forwards) if self.row_forwards else self.nfe * len(self.tokens)
+        return sum(len(t) for t in self.tokens) / max(forwards, 1)
 
 
 def _float32(x: float) -> float:
@@ -128,34 +138,63 @@ def _layout(prompts, suffixes, gen_length, mask_id, pad_id):
     return x, doc_ids, positions, region_start
 
 
+CACHE_MODES = ("none", "prefix", "dual")
+
+
 @torch.no_grad()
 def diffusion_generate(model, prompts: list[list[int]], *, gen_length: int, steps: int, mask_id: int,
                        objective: "str | Objective" = "a2d", block_length: int | None = None, strategy: str = "confidence",
-                       threshold: float | None = None, temperature: float = 0.0, top_k: int = 0,
-                       top_p: float = 1.0, eos_id: int | None = None, suffixes: list[list[int]] | None = None,
-                       generator: torch.Generator | None = None, pad_id: int | None = None,
-                       vocab_limit: int | None = None, kv_cache: bool = True) -> GenerationOutput:
-    """Sample ``gen_length`` tokens after each prompt (see the module docstring). A block-diffusion
-    objective (``block_a2d`` / ``block_mdlm``, one with a ``block_size``) decodes block by block
-    under block-causal attention (``_block_generate``); ``block_length`` must then be None or its
-    block size, and ``kv_cache`` chooses between caching committed blocks (each step forwards one
-    block) and re-running the whole prefix every step (same tokens at temperature 0). Other
-    objectives ignore ``kv_cache``."""
+                       threshold: float | None = None, factor: float | None = None, temperature: float = 0.0,
+                       top_k: int = 0, top_p: float = 1.0, eos_id: int | None = None,
+                       suffixes: list[list[int]] | None = None, generator: torch.Generator | None = None,
+                       pad_id: int | None = None, vocab_limit: int | None = None,
+                       kv_cache: "bool | str | None" = None, cache_refresh: int = 0) -> GenerationOutput:
+    """Sample ``gen_length`` tokens after each prompt (see the module docstring).
+
+    ``kv_cache``: ``"none"``, ``"prefix"`` or ``"dual"`` (``True`` is ``"prefix"``, ``False`` is
+    ``"none"``; ``None``, the default, is each objective's exact setting).
+
+    - A block-diffusion objective (``block_a2d`` / ``block_mdlm``, one with a ``block_size``)
+      decodes block by block under block-causal attention (``_block_generate``); ``block_length``
+      must be None or its block size. Its cache of committed blocks is exact (same tokens at
+      temperature 0 as ``"none"``) and the default; ``"dual"`` has no meaning there.
+    - A2D / MDLM (full attention) decode semi-autoregressively over the whole sequence
+      (``_semi_ar_generate``); ``"prefix"`` / ``"dual"`` are Fast-dLLM's approximate caches
+      (``rnd1.model.kv_cache.SequenceKVCache``), refreshed when a block starts and every
+      ``cache_refresh`` steps within it (0: only at block starts; 1: every step, which gives
+      exactly the uncached tokens). The default there is ``"none"``.
+
+    ``threshold`` and ``factor`` are the parallel decoding rules (``_choose``); with either,
+    ``steps`` bounds the forwards per block rather than fixing them."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy {strategy!r} unknown; expected one of {STRATEGIES}")
+    if threshold is not None and factor is not None:
+        raise ValueError("give threshold or factor, not both: they are two rules for how many tokens to commit")
+    if factor is not None and not factor > 0:
+        raise ValueError(f"factor must be > 0, got {factor}")
+    if cache_refresh < 0:
+        raise ValueError(f"cache_refresh must be >= 0, got {cache_refresh}")
     objective = get_objective(objective)
     if not objective.masks:
         raise ValueError(f"objective {objective.name!r} does not mask: diffusion sampling needs a diffusion "
                          f"objective (a2d, mdlm)")
     if objective.shift and any(len(p) == 0 for p in prompts):
         raise ValueError(f"{objective.name} sampling needs a non-empty prompt (position 0 has no prediction)")
+    block_model = getattr(objective, "block_size", None) is not None
+    mode = {True: "prefix", False: "none", None: "prefix" if block_model else "none"}.get(kv_cache, kv_cache)
+    if mode not in CACHE_MODES:
+        raise ValueError(f"kv_cache {kv_cache!r} unknown; expected one of {CACHE_MODES} (or a bool)")
     kw = dict(gen_length=gen_length, steps=steps, mask_id=mask_id, objective=objective, block_length=block_length,
-              strategy=strategy, threshold=threshold, temperature=temperature, top_k=top_k, top_p=top_p,
-              eos_id=eos_id, suffixes=suffixes, generator=generator, pad_id=pad_id, vocab_limit=vocab_limit)
+              strategy=strategy, threshold=threshold, factor=factor, temperature=temperature, top_k=top_k,
+              top_p=top_p, eos_id=eos_id, suffixes=suffixes, generator=generator, pad_id=pad_id,
+              vocab_limit=vocab_limit)
     with _attention_of(model, objective):
-        if getattr(objective, "block_size", None) is not None:
-            return _block_generate(model, prompts, kv_cache=kv_cache, **kw)
-        return _semi_ar_generate(model, prompts, **kw)
+        if block_model:
+            if mode == "dual":
+                raise ValueError(f"{objective.name} attends block-causally: no later block is ever read, so there "
+                                 f"is no suffix to cache (kv_cache 'prefix' or 'none')")
+            return _block_generate(model, prompts, kv_cache=mode == "prefix", **kw)
+        return _semi_ar_generate(model, prompts, cache=mode, cache_refresh=cache_refresh, **kw)
 
 
 @contextmanager
@@ -176,8 +215,17 @@ def _attention_of(model, objective):
 
 
 def _semi_ar_generate(model, prompts, *, gen_length, steps, mask_id, objective, block_length, strategy, threshold,
-                      temperature, top_k, top_p, eos_id, suffixes, generator, pad_id, vocab_limit) -> GenerationOutput:
-    """A2D / MDLM sampling over the whole sequence, ``block_length`` positions at a time."""
+                      factor, temperature, top_k, top_p, eos_id, suffixes, generator, pad_id, vocab_limit, cache,
+                      cache_refresh) -> GenerationOutput:
+    """A2D / MDLM sampling over the whole sequence, ``block_length`` positions at a time.
+
+    Every forward is either *full* (the whole sequence; with a cache it also refreshes it) or,
+    with ``cache`` "prefix" / "dual", a *window* (``SequenceKVCache``): the columns from the block's
+    first read output (A2D reads position j from output j - 1, so the window starts one column
+    before the block) to the end of the sequence (prefix) or of the block (dual). The logits are
+    computed only at the outputs that predict the block (``_outputs_at``)."""
+    from rnd1.model.kv_cache import SequenceKVCache
+
     block_length = block_length or gen_length
     n_blocks = math.ceil(gen_length / block_length)
     if steps < n_blocks:
@@ -185,6 +233,9 @@ def _semi_ar_generate(model, prompts, *, gen_length, steps, mask_id, objective, 
     device = next(model.parameters()).device if any(True for _ in model.parameters()) else torch.device("cpu")
     pad_id = eos_id if pad_id is None and eos_id is not None else (pad_id or 0)
     x, doc_ids, positions, starts = _layout(prompts, suffixes, gen_length, mask_id, pad_id)
+    if cache != "none" and len(set(starts)) > 1:
+        raise ValueError(f"kv_cache {cache!r} needs the generated region at the same columns in every row: "
+                         f"give suffixes of one length (or none)")
     x, doc_ids, positions = x.to(device), doc_ids.to(device), positions.to(device)
     B, L = x.shape
     offsets = torch.arange(gen_length, device=device)
@@ -192,6 +243,10 @@ def _semi_ar_generate(model, prompts, *, gen_length, steps, mask_id, objective, 
     rows = torch.arange(B, device=device)[:, None]
     done = torch.zeros(B, dtype=torch.bool, device=device)
     order: list[list[int]] = [[] for _ in range(B)]
+    row_forwards = [0] * B
+    kv = SequenceKVCache() if cache != "none" else None
+    real = doc_ids.bool()
+    key_mask = None if bool(real.all()) else real[:, None, None, :]  # window forwards: padding is never a key
     nfe, t0 = 0, time.perf_counter()
     steps_left = steps
     for blk in range(n_blocks):
@@ -204,15 +259,28 @@ def _semi_ar_generate(model, prompts, *, gen_length, steps, mask_id, objective, 
             still = (x[rows, pos] == mask_id) & ~done[:, None]
             if not still.any():
                 break
-            logits = model(x, doc_ids=doc_ids, positions=positions)
+            read = objective.output_index(pos)  # [B, n] the output that predicts each position (the shift)
+            full = kv is None or s == 0 or (cache_refresh > 0 and s % cache_refresh == 0)
+            if full:
+                with kv.refreshing() if kv is not None else _nothing():
+                    lg = _outputs_at(model, x, None, doc_ids=doc_ids, positions=positions,
+                                     kv_cache=kv, rows=read)
+            else:
+                a = int(read.min())
+                b = L if cache == "prefix" else int(pos.max()) + 1
+                mask = None if key_mask is None else Explicit(key_mask.expand(B, 1, b - a, L))
+                with kv.window(a):
+                    lg = _outputs_at(model, x[:, a:b], None, positions=positions[:, a:b], attn_mask=mask,
+                                     kv_cache=kv, rows=read - a)
             nfe += 1
-            read = objective.output_index(pos)  # the output that predicts each position (the shift)
-            pred, pick = _choose(logits[rows, read], still, s, blk_steps, n_block, mask_id=mask_id,
-                                 vocab_limit=vocab_limit, strategy=strategy, threshold=threshold,
-                                 temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-            for b in range(B):
-                for j in torch.nonzero(pick[b]).flatten().tolist():
-                    order[b].append(lo + j)
+            for b_ in torch.nonzero(still.any(1)).flatten().tolist():
+                row_forwards[b_] += 1
+            pred, pick = _choose(lg, still, s, blk_steps, n_block, mask_id=mask_id, vocab_limit=vocab_limit,
+                                 strategy=strategy, threshold=threshold, factor=factor, temperature=temperature,
+                                 top_k=top_k, top_p=top_p, generator=generator)
+            for b_ in range(B):
+                for j in torch.nonzero(pick[b_]).flatten().tolist():
+                    order[b_].append(lo + j)
             x[rows, pos] = torch.where(pick, pred, x[rows, pos])
             if eos_id is not None:
                 _stop_at_eos(x, region, mask_id, eos_id, done)
@@ -223,14 +291,33 @@ def _semi_ar_generate(model, prompts, *, gen_length, steps, mask_id, objective, 
         if eos_id is not None and eos_id in gen:
             gen = gen[:gen.index(eos_id) + 1]
         tokens.append(gen)
-    return GenerationOutput(tokens, x.cpu(), nfe, seconds, order)
+    return GenerationOutput(tokens, x.cpu(), nfe, seconds, order, row_forwards)
+
+
+@contextmanager
+def _nothing():
+    yield
 
 
 def _choose(logits, still, s, blk_steps, n_block, *, mask_id, vocab_limit, strategy, threshold, temperature,
-            top_k, top_p, generator):
+            top_k, top_p, generator, factor=None):
     """One denoising step's decision for a block: ``logits`` [B, n, V] predict its ``n``
     positions, ``still`` [B, n] marks those still masked (and in a live row). Returns the
-    predicted tokens and which of them to commit now (step ``s`` of ``blk_steps``)."""
+    predicted tokens and which of them to commit now (step ``s`` of ``blk_steps``).
+
+    How many (a row's last step of a block always commits the rest):
+
+    - fixed: the still-masked positions spread evenly over the remaining steps, the best by
+      ``strategy`` first (``rnd1``: RND1's schedule);
+    - ``threshold`` (Fast-dLLM's confidence-aware parallel decoding, Wu et al. 2025,
+      arXiv:2505.22618, section 3.3): every position whose confidence exceeds it;
+    - ``factor`` (the same paper's factor-based rule): with the still-masked confidences sorted,
+      c_1 >= c_2 >= ..., the largest n with (n + 1) * (1 - c_n) < factor. It commits many tokens
+      when the model is sure of many, few when it is not: Fast-dLLM derives it from the bound on
+      the error of decoding n tokens independently (their Theorem 1).
+
+    Both parallel rules commit at least one position per row and step (the best by ``strategy``),
+    so a block always finishes within its steps."""
     B = logits.shape[0]
     device = logits.device
     lg = _allowed(logits.float(), mask_id, vocab_limit)
@@ -259,6 +346,18 @@ def _choose(logits, still, s, blk_steps, n_block, *, mask_id, vocab_limit, strat
         pick = (conf > threshold) & still
         best = score.argmax(1)
         pick[torch.arange(B), best] |= n_still > 0  # at least one per step
+    elif factor is not None:
+        c = conf.masked_fill(~still, -1.0)
+        ranked = torch.argsort(c, dim=1, descending=True)
+        c_sorted = c.gather(1, ranked)
+        n = torch.arange(1, c.shape[1] + 1, device=device)
+        ok = ((n + 1) * (1 - c_sorted) < factor) & (c_sorted >= 0)  # a prefix: (n + 1)(1 - c_n) grows with n
+        k = ok.sum(1)
+        rank_of = torch.empty_like(ranked).scatter_(1, ranked, torch.arange(ranked.shape[1], device=device)
+                                                   .expand_as(ranked))
+        pick = (rank_of < k[:, None]) & still
+        best = score.argmax(1)
+        pick[torch.arange(B), best] |= n_still > 0  # at least one per step
     else:
         if strategy == "rnd1":  # RND1's linear schedule of positions that stay masked
             keep = rnd1_keep_masked(n_block, blk_steps, s + 1)
@@ -273,20 +372,24 @@ def _choose(logits, still, s, blk_steps, n_block, *, mask_id, vocab_limit, strat
 
 
 # --------------------------------------------------------------------------- block diffusion
-def _outputs_at(model, ids: torch.Tensor, idx: torch.Tensor, **kw) -> torch.Tensor:
-    """Logits [B, len(idx), V] of the outputs ``idx`` of one forward: a ``Qwen3`` applies its LM
-    head only there (a 151,936-token vocabulary over a long prefix is the biggest tensor otherwise);
-    any other module is called plainly and its logits indexed."""
+def _outputs_at(model, ids: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor | None = None,
+                **kw) -> torch.Tensor:
+    """Logits [B, len(idx), V] of the outputs ``idx`` of one forward (``rows`` [B, n]: per-row
+    indices instead): a ``Qwen3`` applies its LM head only there (a 151,936-token vocabulary over
+    a long prefix is the biggest tensor otherwise); any other module is called plainly and its
+    logits indexed."""
     from rnd1.model.qwen3 import Qwen3
 
+    kw = {k: v for k, v in kw.items() if v is not None}  # stand-in models need not know every keyword
     if isinstance(model, Qwen3):
         h = model(ids, return_hidden=True, **kw)
-        return model.lm_head(h[:, idx])
-    return model(ids, **kw)[:, idx]
+        return model.lm_head(h[:, idx] if rows is None else h.gather(1, rows[..., None].expand(-1, -1, h.shape[-1])))
+    out = model(ids, **kw)
+    return out[:, idx] if rows is None else out.gather(1, rows[..., None].expand(-1, -1, out.shape[-1]))
 
 
 def _block_generate(model, prompts, *, gen_length, steps, mask_id, objective, block_length, strategy, threshold,
-                    temperature, top_k, top_p, eos_id, suffixes, generator, pad_id, vocab_limit,
+                    factor, temperature, top_k, top_p, eos_id, suffixes, generator, pad_id, vocab_limit,
                     kv_cache) -> GenerationOutput:
     """Block diffusion sampling: one sequence under block-causal attention, blocks at absolute
     positions (multiples of ``block_size`` from the row's position 0), each denoised with the
@@ -322,7 +425,7 @@ def _block_generate(model, prompts, *, gen_length, steps, mask_id, objective, bl
     for b, p in enumerate(prompts):
         groups.setdefault(len(p), []).append(b)
     nfe, t0 = 0, time.perf_counter()
-    kw = dict(mask_id=mask_id, vocab_limit=vocab_limit, strategy=strategy, threshold=threshold,
+    kw = dict(mask_id=mask_id, vocab_limit=vocab_limit, strategy=strategy, threshold=threshold, factor=factor,
               temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
     for P, rows in groups.items():
         seq = torch.tensor([list(prompts[b]) + [mask_id] * gen_length for b in rows], dtype=torch.long,
