@@ -1,7 +1,9 @@
 #!/usr/bin/env python
-"""Write ``data/arith_chat.jsonl``: short arithmetic conversations for testing diffusion SFT.
+"""Write ``data/arith_chat.jsonl`` (short arithmetic conversations for testing diffusion SFT), or
+with ``--task`` the arithmetic task the task model is trained and measured on.
 
     python scripts/make_chat_data.py                # the shipped file (seed 0, 400 conversations)
+    python scripts/make_chat_data.py --task --out outputs/data/arith_task   # the task (below)
     python scripts/prepare_data.py --source chat:data/arith_chat.jsonl --tokenizer byte \\
         --out outputs/data/arith_chat_byte --val-fraction 0.05
 
@@ -11,6 +13,18 @@ byte-level model learns the chat format (where the response starts, that it ends
 exercises every record shape the chat loader accepts: plain two-message conversations, a system
 prompt, two question/answer pairs, and the ``prompt``/``response`` form. Seeded, so rerunning
 reproduces the shipped file byte for byte.
+
+The task (``--task``, ``docs/task_model.md``): every question ``a + b`` and ``a - b`` with
+``0 <= a, b <= 99`` (``a >= b`` for subtraction): 15,050 questions. A seeded draw of
+``--heldout`` of them (1,000) is held out: no training file contains a held-out question, as an
+equation or as a conversation (a test checks it), so accuracy on them measures arithmetic, not
+recall. The folder gets:
+
+- ``pretrain.jsonl``: documents of equations (``37 + 48 = 85.`` per line), the text the AR base
+  is pretrained on and the A2D conversion continues on;
+- ``sft.jsonl``: chat conversations about the training questions (diffusion SFT);
+- ``heldout.jsonl``: ``{"question", "answer"}`` per held-out question, what ``scripts/eval_task.py``
+  scores (exact match of the last number of the reply).
 """
 
 from __future__ import annotations
@@ -55,12 +69,67 @@ def record(rng: random.Random) -> dict:
     return {"messages": msgs}
 
 
+TASK_OPS = ("+", "-")
+
+
+def task_questions() -> list[tuple[int, str, int]]:
+    """Every question of the task, in a fixed order: (a, op, b)."""
+    out = []
+    for op in TASK_OPS:
+        for a in range(100):
+            for b in range(100):
+                if op == "-" and b > a:
+                    continue
+                out.append((a, op, b))
+    return out
+
+
+def equation(a: int, op: str, b: int) -> str:
+    return f"{a} {op} {b} = {OPS[op](a, b)}."
+
+
+def write_task(out: Path, *, heldout: int, seed: int, docs: int, lines_per_doc: int, conversations: int) -> None:
+    """The task's three files (see the module docstring); the same seed gives the same bytes."""
+    rng = random.Random(seed)
+    questions = task_questions()
+    rng.shuffle(questions)
+    held, train = questions[:heldout], questions[heldout:]
+    out.mkdir(parents=True, exist_ok=True)
+
+    def dump(name: str, rows) -> None:
+        path = out / name
+        path.write_text("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in rows), encoding="utf-8")
+        print(f"wrote {path}: {len(rows)} records, {path.stat().st_size:,} bytes")
+
+    dump("pretrain.jsonl", [{"text": "\n".join(equation(*rng.choice(train)) for _ in range(lines_per_doc)) + "\n"}
+                            for _ in range(docs)])
+    sft = []
+    for _ in range(conversations):
+        a, op, b = rng.choice(train)
+        q = rng.choice(QUESTIONS).format(q=f"{a} {op} {b}")
+        sft.append({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": equation(a, op, b)}]})
+    dump("sft.jsonl", sft)
+    dump("heldout.jsonl", [{"question": QUESTIONS[0].format(q=f"{a} {op} {b}"), "answer": str(OPS[op](a, b))}
+                           for a, op, b in held])
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "data" / "arith_chat.jsonl"))
     ap.add_argument("--n", type=int, default=400)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--task", action="store_true", help="write the arithmetic task into the folder --out")
+    ap.add_argument("--heldout", type=int, default=1000, help="--task: questions held out for evaluation")
+    ap.add_argument("--docs", type=int, default=20000, help="--task: pretraining documents")
+    ap.add_argument("--lines-per-doc", type=int, default=16, help="--task: equations per pretraining document")
+    ap.add_argument("--conversations", type=int, default=40000, help="--task: SFT conversations")
     args = ap.parse_args(argv)
+    if args.task:
+        if args.out == ap.get_default("out"):
+            ap.error("--task writes a folder: give --out (e.g. outputs/data/arith_task)")
+        write_task(Path(args.out), heldout=args.heldout, seed=args.seed, docs=args.docs,
+                   lines_per_doc=args.lines_per_doc, conversations=args.conversations)
+        return 0
     rng = random.Random(args.seed)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,150 @@
+#!/usr/bin/env python
+"""The sampler's speed / quality frontier on the task model: cache mode x decoding rule x gen
+length, each scored on the held-out arithmetic questions.
+
+    python scripts/bench_sampler.py --checkpoint outputs/task/sft/checkpoint --out bench_sampler/
+    python scripts/bench_sampler.py --checkpoint CKPT --gen-lengths 256 --settings none/fixed dual/factor
+
+Settings are ``CACHE/RULE``: CACHE in none, prefix, dual (``rnd1.model.kv_cache``); RULE in
+``fixed`` (one token per forward: ``steps`` = gen length, today's sampler when CACHE is none),
+``threshold`` (commit every position with confidence > ``--threshold``) or ``factor``
+(Fast-dLLM's factor rule with ``--factor``). Semi-autoregressive blocks of ``--block-length``;
+greedy; a row stops at EOS. Per (gen length, setting) the table gives tokens/s, tokens per
+forward, accuracy with its standard error over ``--limit`` questions, and the speed-up and
+accuracy change against ``none/fixed`` of the same gen length (measured in the same run).
+
+``--out`` gets ``results.json`` (every number and the record: sampler settings, seeds, model
+hash, packages, device) and ``frontier.png`` (accuracy against tokens/s, one colour per gen
+length; needs matplotlib). Timings include only the sampler's calls, on this process's threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from eval_task import evaluate, load_questions  # noqa: E402
+
+CACHES = ("none", "prefix", "dual")
+RULES = ("fixed", "threshold", "factor")
+BASELINE = "none/fixed"
+
+
+def parse_setting(text: str) -> tuple[str, str]:
+    cache, _, rule = text.partition("/")
+    if cache not in CACHES or rule not in RULES:
+        raise argparse.ArgumentTypeError(f"setting {text!r}: expected CACHE/RULE with CACHE in {', '.join(CACHES)} "
+                                         f"and RULE in {', '.join(RULES)}")
+    return cache, rule
+
+
+def settings_for(cache: str, rule: str, gen_length: int, args) -> dict:
+    return {"gen_length": gen_length, "steps": gen_length, "block_length": min(args.block_length, gen_length),
+            "strategy": "confidence", "kv_cache": cache, "cache_refresh": 0,
+            "threshold": args.threshold if rule == "threshold" else None,
+            "factor": args.factor if rule == "factor" else None, "temperature": 0.0}
+
+
+def draw(rows: list[dict], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("frontier.png skipped: plotting needs matplotlib: pip install -e '.[plot]'", file=sys.stderr)
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for k, G in enumerate(sorted({r["gen_length"] for r in rows})):
+        pts = [r for r in rows if r["gen_length"] == G]
+        ax.errorbar([r["tokens_per_s"] for r in pts], [100 * r["accuracy"] for r in pts],
+                    yerr=[100 * r["stderr"] for r in pts], fmt="o", color=f"C{k}", label=f"gen length {G}", capsize=3)
+        for r in pts:
+            ax.annotate(r["setting"], (r["tokens_per_s"], 100 * r["accuracy"]), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("tokens/s (log)")
+    ax.set_ylabel("held-out exact match, % (+- 1 s.e.)")
+    ax.set_title("sampler frontier on the task model")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return True
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--questions", default="outputs/data/arith_task/heldout.jsonl")
+    ap.add_argument("--limit", type=int, default=500)
+    ap.add_argument("--gen-lengths", type=int, nargs="+", default=[64, 256, 1024])
+    ap.add_argument("--settings", type=parse_setting, nargs="+",
+                    default=[(c, r) for c in CACHES for r in RULES])
+    ap.add_argument("--block-length", type=int, default=32)
+    ap.add_argument("--threshold", type=float, default=0.9)
+    ap.add_argument("--factor", type=float, default=1.0)
+    ap.add_argument("--batch-size", type=int, default=50)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", help="folder for results.json and frontier.png")
+    args = ap.parse_args(argv)
+    try:
+        import torch
+
+        from rnd1.checkpoint.load import load_for_inference
+        from rnd1.data.tokenizer import load_tokenizer
+        from rnd1.eval.record import evaluation_record
+
+        rows = load_questions(args.questions, args.limit)
+        tok = load_tokenizer("byte")
+        model = load_for_inference(args.checkpoint, objective="a2d").eval()
+    except (OSError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    settings = list(dict.fromkeys(args.settings))
+    if ("none", "fixed") in settings:  # the baseline first, so every later line can compare with it
+        settings.remove(("none", "fixed"))
+        settings.insert(0, ("none", "fixed"))
+    torch.manual_seed(args.seed)
+    record = evaluation_record(model=model, checkpoint=args.checkpoint,
+                               sampler={"block_length": args.block_length, "threshold": args.threshold,
+                                        "factor": args.factor, "strategy": "confidence", "temperature": 0.0},
+                               seeds={"sampler": args.seed, "torch": args.seed},
+                               command=["scripts/bench_sampler.py", *(argv if argv is not None else sys.argv[1:])])
+    print(f"# {record['device']}; torch {record['packages'].get('torch')}; model {record['model_hash']}; "
+          f"{len(rows)} questions")
+    print(f"{'gen':>5} {'setting':<16} {'tokens/s':>9} {'tok/fwd':>7} {'accuracy':>16} {'speed-up':>8} "
+          f"{'d acc':>7} {'seconds':>8}")
+    results = []
+    for G in args.gen_lengths:
+        base = None
+        for cache, rule in settings:
+            s = settings_for(cache, rule, G, args)
+            r = evaluate(model, tok, rows, s, batch_size=args.batch_size, seed=args.seed)
+            name = f"{cache}/{rule}"
+            if name == BASELINE:
+                base = r
+            row = {"gen_length": G, "setting": name, "sampler": s,
+                   **{k: r[k] for k in ("n", "accuracy", "stderr", "tokens_per_s", "tokens_per_forward", "nfe",
+                                        "seconds")},
+                   "speedup": r["tokens_per_s"] / base["tokens_per_s"] if base else None,
+                   "accuracy_change": r["accuracy"] - base["accuracy"] if base else None}
+            results.append(row)
+            sp = f"{row['speedup']:.2f}x" if base else "-"
+            da = f"{100 * row['accuracy_change']:+.1f}" if base else "-"
+            print(f"{G:>5} {name:<16} {r['tokens_per_s']:>9.1f} {r['tokens_per_forward']:>7.2f} "
+                  f"{100 * r['accuracy']:>7.1f} +- {100 * r['stderr']:>4.1f} % {sp:>8} {da:>7} {r['seconds']:>8.1f}",
+                  flush=True)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps({"record": record, "results": results}, indent=1))
+        drawn = draw(results, out / "frontier.png")
+        print(f"wrote {out / 'results.json'}" + (f" and {out / 'frontier.png'}" if drawn else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

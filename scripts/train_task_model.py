@@ -1,0 +1,76 @@
+#!/usr/bin/env python
+"""Train the task model: an AR base, its A2D conversion, diffusion SFT, on the arithmetic task.
+
+    python scripts/train_task_model.py                 # about 30 minutes on 2 CPU cores
+    python scripts/eval_task.py --checkpoint outputs/task/sft/checkpoint
+
+The recipe of ``docs/task_model.md`` in one command: write the task's data
+(``scripts/make_chat_data.py --task``: the held-out questions appear in no training file), then
+three ordinary training runs, each from the previous one's checkpoint:
+
+1. ``train_configs/task/task_ar.toml``: the debug MoE learns the equations autoregressively;
+2. ``task_a2d.toml``: A2D conversion with SCP (bidirectional attention from step 0);
+3. ``task_sft.toml``: diffusion SFT on chat conversations about the training questions.
+
+A finished stage is reused (its run folder holds a checkpoint at its last step), so an
+interrupted recipe resumes where it stopped. The model the sampler benchmarks measure
+(``scripts/bench_sampler.py``) is stage 3's checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+STAGES = ("task_ar.toml", "task_a2d.toml", "task_sft.toml")
+
+
+def _last_step(run: Path) -> int:
+    steps = [int(p.name.split("-")[1]) for p in (run / "checkpoint").glob("step-*") if p.name.split("-")[1].isdigit()]
+    return max(steps, default=0)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="outputs/task", help="folder of the three runs (default: outputs/task)")
+    ap.add_argument("--data", default="outputs/data/arith_task", help="folder of the task's files")
+    args = ap.parse_args(argv)
+    from rnd1.config import load_config
+
+    data, out = Path(args.data), Path(args.out)
+    if not (data / "heldout.jsonl").is_file():
+        subprocess.run([sys.executable, str(REPO / "scripts" / "make_chat_data.py"), "--task", "--out", str(data)],
+                       check=True)
+    previous = None
+    t_all = time.perf_counter()
+    for k, name in enumerate(STAGES, 1):
+        config = REPO / "train_configs" / "task" / name
+        cfg = load_config(config)
+        run = out / Path(cfg.job.dump_folder).name
+        steps = cfg.training.steps
+        source = {"task_ar.toml": f"{data}/pretrain.jsonl", "task_a2d.toml": f"{data}/pretrain.jsonl",
+                  "task_sft.toml": f"chat:{data}/sft.jsonl"}[name]
+        dataset = out / "data" / ("pretrain_byte" if name != "task_sft.toml" else "sft_byte")
+        if _last_step(run) >= steps:
+            print(f"[task] {k}/3 {name}: {run} is finished, reused", flush=True)
+        else:
+            cmd = [sys.executable, "-m", "rnd1.train", "--config", str(config), f"--job.dump_folder={run}",
+                   f"--data.datasets=[\"{dataset}\"]", f"--data.prepare={source}", "--job.print_config=false"]
+            if previous is not None:
+                cmd.append(f"--checkpoint.initial_load_path={previous / 'checkpoint'}")
+            print(f"[task] {k}/3 {name}: {steps} steps -> {run}", flush=True)
+            t0 = time.perf_counter()
+            if subprocess.run(cmd, cwd=REPO).returncode:
+                return 1
+            print(f"[task] {k}/3 {name}: done in {time.perf_counter() - t0:.0f} s", flush=True)
+        previous = run
+    print(f"[task] the task model: {previous / 'checkpoint'} ({time.perf_counter() - t_all:.0f} s)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

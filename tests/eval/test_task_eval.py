@@ -1,0 +1,132 @@
+"""The arithmetic task and what measures on it: the data generator holds questions out of every
+training file; scripts/eval_task.py and scripts/bench_sampler.py score, time and record; the
+same command twice gives the same numbers; the record changes with the weights."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rnd1.checkpoint.hf import save_pretrained
+from rnd1.eval.record import evaluation_record, model_hash
+from rnd1.model.config import get_preset
+from rnd1.model.qwen3 import build_model
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _script(name):
+    sys.path.insert(0, str(REPO / "scripts"))
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    out = tmp_path_factory.mktemp("task")
+    _script("make_chat_data").main(["--task", "--out", str(out), "--docs", "300", "--conversations", "500"])
+    return out
+
+
+def test_heldout_questions_are_in_no_training_file(task):
+    held = [json.loads(line) for line in (task / "heldout.jsonl").read_text().splitlines()]
+    assert len(held) == 1000 and len({h["question"] for h in held}) == 1000
+    keys = {h["question"][len("What is "):-1] for h in held}  # "43 + 17"
+    pretrain = "".join(json.loads(line)["text"] for line in (task / "pretrain.jsonl").read_text().splitlines())
+    seen = {line.rsplit(" = ", 1)[0] for line in pretrain.splitlines()}
+    for line in (task / "sft.jsonl").read_text().splitlines():
+        seen.add(json.loads(line)["messages"][1]["content"].rsplit(" = ", 1)[0])
+    assert len(seen) > 3000 and not keys & seen
+    for h in held:  # the answers are right
+        a, op, b = h["question"][len("What is "):-1].split()
+        assert int(h["answer"]) == (int(a) + int(b) if op == "+" else int(a) - int(b)) >= 0
+
+
+def test_the_generator_is_seeded(task, tmp_path):
+    _script("make_chat_data").main(["--task", "--out", str(tmp_path), "--docs", "300", "--conversations", "500"])
+    for name in ("pretrain.jsonl", "sft.jsonl", "heldout.jsonl"):
+        assert (tmp_path / name).read_bytes() == (task / name).read_bytes()
+
+
+def test_reply_number():
+    ev = _script("eval_task")
+    assert ev.reply_number("37 + 48 = 85.<|im_end|>\n") == "85"
+    assert ev.reply_number("12 - 30 = -18.") == "-18"
+    assert ev.reply_number("no digits<|im_end|>99") is None
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    out = tmp_path_factory.mktemp("hf")
+    save_pretrained(build_model(get_preset("debug"), seed=0), out, overwrite=True)
+    return out
+
+
+def _questions(tmp_path, task, n=6):
+    q = tmp_path / "q.jsonl"
+    q.write_text("".join((task / "heldout.jsonl").read_text().splitlines(keepends=True)[:n]))
+    return q
+
+
+TIMING = ("seconds", "tokens_per_s")
+
+
+def test_the_same_command_gives_the_same_numbers(checkpoint, task, tmp_path, capsys):
+    ev = _script("eval_task")
+    q = _questions(tmp_path, task)
+    args = ["--checkpoint", str(checkpoint), "--questions", str(q), "--gen-length", "16", "--block-length", "8",
+            "--kv-cache", "dual", "--factor", "1.0", "--batch-size", "4"]
+    assert ev.main(args + ["--out", str(tmp_path / "a")]) == 0
+    assert ev.main(args + ["--out", str(tmp_path / "b")]) == 0
+    a, b = (json.loads((tmp_path / d / "results.json").read_text()) for d in "ab")
+    for r in (a, b):
+        for k in TIMING:
+            r.pop(k)
+        r["record"].pop("command")
+    assert a == b
+    rec = a["record"]
+    assert rec["sampler"]["kv_cache"] == "dual" and rec["sampler"]["factor"] == 1.0
+    assert rec["seeds"] == {"sampler": 0, "torch": 0} and "torch" in rec["packages"] and "CPU" in rec["device"]
+    assert len(a["replies"]) == a["n"] == 6 and "accuracy 0.0000 +- 0.0000 (n=6)" in capsys.readouterr().out
+
+
+def test_the_record_changes_with_the_weights():
+    m = build_model(get_preset("debug"), seed=0)
+    h = model_hash(m)
+    assert model_hash(build_model(get_preset("debug"), seed=0)) == h
+    with torch.no_grad():
+        m.norm.weight[0] += 1e-3
+    assert model_hash(m) != h
+    rec = evaluation_record(model=m, checkpoint="x", sampler={"a": 1}, seeds={"s": 0}, command=["c"])
+    assert rec["model_hash"] == model_hash(m) and rec["command"] == ["c"]
+
+
+def test_bench_sampler_table_json_and_frontier(checkpoint, task, tmp_path, capsys):
+    bench = _script("bench_sampler")
+    q = _questions(tmp_path, task, 4)
+    rc = bench.main(["--checkpoint", str(checkpoint), "--questions", str(q), "--gen-lengths", "16", "24",
+                     "--block-length", "8", "--settings", "dual/factor", "none/fixed", "prefix/threshold",
+                     "--out", str(tmp_path / "bench")])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "CPU" in out and out.count("none/fixed") == 2
+    res = json.loads((tmp_path / "bench" / "results.json").read_text())
+    rows = res["results"]
+    assert [r["setting"] for r in rows] == ["none/fixed", "dual/factor", "prefix/threshold"] * 2
+    base = rows[0]
+    assert base["speedup"] == 1.0 and base["accuracy_change"] == 0.0
+    assert base["nfe"] <= 16 and base["tokens_per_forward"] <= 1.0  # one token per forward at most
+    assert rows[1]["speedup"] == pytest.approx(rows[1]["tokens_per_s"] / base["tokens_per_s"])
+    assert res["record"]["model_hash"] and (tmp_path / "bench" / "frontier.png").stat().st_size > 1000
+
+
+def test_bench_sampler_refuses_an_unknown_setting(checkpoint, capsys):
+    bench = _script("bench_sampler")
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--checkpoint", str(checkpoint), "--settings", "full/fixed"])
+    assert e.value.code == 2 and "expected CACHE/RULE" in capsys.readouterr().err
