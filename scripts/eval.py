@@ -42,6 +42,10 @@ def main(argv=None) -> int:
     ap.add_argument("--limit", type=float, help="examples per task (for a quick look)")
     ap.add_argument("--mc-samples", type=int, default=32)
     ap.add_argument("--gen-steps", type=int, default=64)
+    ap.add_argument("--kv-cache", default="none", help="sampler cache: none | prefix | dual (rnd1.generate)")
+    ap.add_argument("--threshold", type=float, help="parallel decoding: confidence threshold")
+    ap.add_argument("--factor", type=float, help="parallel decoding: Fast-dLLM's factor rule")
+    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="eval_results")
     ap.add_argument("--name", default="", help="row name in the table (default: the checkpoint path)")
     args = ap.parse_args(argv)
@@ -61,7 +65,8 @@ def main(argv=None) -> int:
         print("error: give --preset or --tasks", file=sys.stderr)
         return 2
     lm = RND1HarnessLM(checkpoint=args.checkpoint, tokenizer=args.tokenizer, model=args.model,
-                       objective=args.objective, mc_samples=args.mc_samples, gen_steps=args.gen_steps)
+                       objective=args.objective, mc_samples=args.mc_samples, gen_steps=args.gen_steps,
+                       kv_cache=args.kv_cache, threshold=args.threshold, factor=args.factor, seed=args.seed)
     tm = TaskManager(include_path=args.include_path) if args.include_path else TaskManager()
     scores, raw = {}, {}
     for task, shots in tasks:
@@ -75,7 +80,8 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = args.name or args.checkpoint
-    (out / "results.json").write_text(json.dumps({"model": name, "scores": {t: {"metric": m, "value": v, "shots": s}
+    record = lm.get_model_info()["rnd1_record"]
+    (out / "results.json").write_text(json.dumps({"model": name, "record": record, "scores": {t: {"metric": m, "value": v, "shots": s}
                                                                           for t, (m, v, s) in scores.items()},
                                                   "raw": raw}, indent=1, default=str))
     header = "| model | " + " | ".join(f"{t} ({s}-shot)" for t, (_, _, s) in scores.items()) + " |"

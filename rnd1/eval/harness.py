@@ -11,7 +11,12 @@ then hands over to lm_eval's own command line.) lm-eval is an optional extra
 Scoring: ``loglikelihood`` uses the Monte Carlo ELBO for diffusion models (``mc_samples`` masks
 per request, low-discrepancy t, only continuation tokens masked) and the exact sum for AR
 checkpoints; ``generate_until`` uses the diffusion sampler (batched, ragged prompts) and cuts at
-the stop strings.
+the stop strings, with the sampler settings given as model args (``kv_cache``, ``cache_refresh``,
+``threshold``, ``factor``, ``block_length``, ``gen_steps``, ``strategy``).
+
+Every result carries the record of what produced it (``rnd1.eval.record``): lm_eval puts
+``get_model_info()`` into its results' ``config``, so the CLI's output JSON holds the sampler
+settings, seed, model hash, package versions and device next to the scores.
 """
 
 from __future__ import annotations
@@ -37,7 +42,9 @@ from rnd1.generate import ar_generate, diffusion_generate
 class RND1HarnessLM(LM):
     def __init__(self, checkpoint: str = "", tokenizer: str = "byte", model: str = "", objective: str = "",
                  mc_samples: int = 32, gen_length: int = 128, gen_steps: int = 64, block_length: int = 32,
-                 strategy: str = "confidence", batch_size: int | str = 8, seed: int = 0, lm=None, **_):
+                 strategy: str = "confidence", batch_size: int | str = 8, seed: int = 0, lm=None,
+                 kv_cache: str = "none", cache_refresh: int = 0, threshold: float | None = None,
+                 factor: float | None = None, **_):
         super().__init__()
         self.tok = load_tokenizer(tokenizer)
         if lm is None:
@@ -52,6 +59,24 @@ class RND1HarnessLM(LM):
         self.block_length, self.strategy = int(block_length), strategy
         self.batch = int(batch_size) if str(batch_size).isdigit() else 8
         self.gen = torch.Generator().manual_seed(int(seed))
+        self.seed, self.checkpoint = int(seed), checkpoint
+        self.kv_cache, self.cache_refresh = str(kv_cache), int(cache_refresh)
+        self.threshold = None if threshold in (None, "", "None") else float(threshold)
+        self.factor = None if factor in (None, "", "None") else float(factor)
+
+    def sampler_settings(self) -> dict:
+        return {"gen_length": self.gen_length, "gen_steps": self.gen_steps, "block_length": self.block_length,
+                "strategy": self.strategy, "kv_cache": self.kv_cache, "cache_refresh": self.cache_refresh,
+                "threshold": self.threshold, "factor": self.factor, "temperature": 0.0,
+                "mc_samples": self.mc_samples, "objective": self.objective.name}
+
+    def get_model_info(self) -> dict:
+        """lm_eval adds this to its results' ``config``: the record of ``rnd1.eval.record``."""
+        from rnd1.eval.record import evaluation_record
+
+        return {"rnd1_record": evaluation_record(model=self.model, checkpoint=self.checkpoint,
+                                                 sampler=self.sampler_settings(), seeds={"sampler": self.seed},
+                                                 device=next(self.model.parameters()).device)}
 
     # ------------------------------------------------------------------ likelihood
     def _ll(self, context: str, continuation: str) -> tuple[float, bool]:
@@ -86,7 +111,9 @@ class RND1HarnessLM(LM):
                 steps = max(self.gen_steps * length // max(self.gen_length, 1), -(-length // block))
                 res = diffusion_generate(self.model, prompts, gen_length=length, steps=steps, mask_id=self.mask_id,
                                          objective=self.objective, block_length=block, strategy=self.strategy,
-                                         eos_id=self.tok.eos_id, generator=self.gen, vocab_limit=self.tok.vocab_size)
+                                         eos_id=self.tok.eos_id, generator=self.gen, vocab_limit=self.tok.vocab_size,
+                                         kv_cache=self.kv_cache, cache_refresh=self.cache_refresh,
+                                         threshold=self.threshold, factor=self.factor)
             for toks, k in zip(res.tokens, kwargs):
                 text = self.tok.decode([t for t in toks if t != self.tok.eos_id])
                 until = k.get("until") or []

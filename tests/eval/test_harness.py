@@ -83,6 +83,30 @@ def test_harness_runs_local_tasks_end_to_end(tmp_path, monkeypatch, objective):
     # likelihood of 'c' vs 'a', both impossible); generation always writes "bbb"
     assert mc["acc,none"] >= 2 / 3 - 1e-9
     assert gen["exact_match,none"] == pytest.approx(0.5)
+    rec = res["config"]["rnd1_record"]  # lm_eval keeps the harness's record next to the scores
+    assert rec["sampler"]["gen_steps"] == 4 and rec["sampler"]["kv_cache"] == "none" and rec["model_hash"]
+
+
+def test_harness_passes_the_sampler_settings(monkeypatch):
+    from rnd1.eval import harness
+
+    seen = {}
+    real = harness.diffusion_generate
+
+    def spy(model, prompts, **kw):
+        seen.update(kw)
+        return real(model, prompts, **dict(kw, kv_cache="none"))  # the oracle has no keys to cache
+
+    monkeypatch.setattr(harness, "diffusion_generate", spy)
+
+    class Req:
+        args = ("ab", {"until": ["\n"], "max_gen_toks": 4})
+
+    lm = harness.RND1HarnessLM(lm=OracleB(), tokenizer="byte", objective="a2d", gen_steps=4, gen_length=4,
+                               block_length=4, kv_cache="dual", cache_refresh="2", factor="1.5")
+    lm.generate_until([Req()])
+    assert (seen["kv_cache"], seen["cache_refresh"], seen["factor"], seen["threshold"]) == ("dual", 2, 1.5, None)
+    assert lm.get_model_info()["rnd1_record"]["sampler"]["factor"] == 1.5
 
 
 def test_registered_for_the_cli():
@@ -117,3 +141,4 @@ def test_eval_script_writes_table(tmp_path, monkeypatch):
     assert table.startswith("| model | rnd1_toy_mc (0-shot) | rnd1_toy_gen (0-shot) |") and "| debug |" in table
     data = json.loads((tmp_path / "out" / "results.json").read_text())
     assert data["scores"]["rnd1_toy_mc"]["metric"] == "acc,none"
+    assert data["record"]["sampler"]["gen_steps"] == 3 and data["record"]["seeds"] == {"sampler": 0}
