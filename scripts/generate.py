@@ -4,7 +4,7 @@
     python scripts/generate.py --checkpoint outputs/debug_model/checkpoint --model debug \\
         --tokenizer byte --prompt "def fibonacci(n):" --gen-length 64 --steps 32 --block-length 16
     python scripts/generate.py --checkpoint /path/to/hf_export --tokenizer /path/to/hf_export --prompt "..."
-    python scripts/generate.py --checkpoint outputs/sft/checkpoint --tokenizer ../shared/data/qwen3_tokenizer \
+    python scripts/generate.py --checkpoint outputs/sft/checkpoint --tokenizer ../shared/data/qwen3_tokenizer \\
         --chat "What is a closure in Python?" --gen-length 256 --steps 128
 
 --chat QUESTION (repeatable) renders the question as a user turn through Qwen3's chat template
@@ -12,6 +12,11 @@
 models (block_a2d / block_mdlm) decode block by block with a KV cache of committed blocks
 (--no-kv-cache: re-run the prefix every step); their block size is the one the checkpoint
 records, else --block-size.
+
+A2D / MDLM models decode semi-autoregressively (--block-length); --kv-cache prefix | dual are
+Fast-dLLM's approximate caches (refreshed at every block start and every --cache-refresh steps),
+--threshold / --factor the parallel decoding rules (several tokens per forward; --steps then
+bounds the forwards). See docs/sampling.md for what each costs in accuracy on the task model.
 
 Loads a DCP checkpoint (step folder or checkpoint root; --model names the preset or a HF
 config) or a Hugging Face folder. Prints the samples, the number of forward passes (NFE) and
@@ -28,7 +33,7 @@ from rnd1.checkpoint.load import load_for_inference, objective_for
 from rnd1.data.chat import encode_chat_prompt
 from rnd1.data.tokenizer import load_tokenizer
 from rnd1.diffusion.objective import OBJECTIVES
-from rnd1.generate import STRATEGIES, ar_generate, diffusion_generate
+from rnd1.generate import CACHE_MODES, STRATEGIES, ar_generate, diffusion_generate
 
 
 def main(argv=None) -> int:
@@ -42,14 +47,19 @@ def main(argv=None) -> int:
                     help="repeatable: a user question, rendered through the chat template; prints the answer")
     ap.add_argument("--block-size", type=int, default=0,
                     help="block_a2d / block_mdlm: the model's block size when the checkpoint does not record it")
-    ap.add_argument("--no-kv-cache", action="store_true", help="block diffusion: no cache of committed blocks")
+    ap.add_argument("--no-kv-cache", action="store_true", help="same as --kv-cache none")
+    ap.add_argument("--kv-cache", choices=CACHE_MODES, default=None,
+                    help="none | prefix | dual (default: exact; block models cache committed blocks exactly)")
+    ap.add_argument("--cache-refresh", type=int, default=0, help="A2D/MDLM caches: also refresh every N steps")
     ap.add_argument("--objective", choices=list(OBJECTIVES), default="",
                     help="how to read the model (default: the one a trainer checkpoint records, else a2d)")
     ap.add_argument("--gen-length", type=int, default=64)
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--block-length", type=int, default=0)
     ap.add_argument("--strategy", choices=STRATEGIES, default="confidence")
-    ap.add_argument("--threshold", type=float)
+    rule = ap.add_mutually_exclusive_group()
+    rule.add_argument("--threshold", type=float, help="parallel decoding: commit every position above it")
+    rule.add_argument("--factor", type=float, help="parallel decoding: Fast-dLLM's factor rule")
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--top-k", type=int, default=0)
     ap.add_argument("--top-p", type=float, default=1.0)
@@ -97,7 +107,7 @@ def _generate(model, prompts, objective, args, tok, stop):
         objective=objective, block_length=args.block_length or None, strategy=args.strategy,
         threshold=args.threshold, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         eos_id=stop, generator=torch.Generator().manual_seed(args.seed), vocab_limit=tok.vocab_size,
-        kv_cache=not args.no_kv_cache)
+        kv_cache="none" if args.no_kv_cache else args.kv_cache, cache_refresh=args.cache_refresh, factor=args.factor)
 
 
 def _answer(tokens: list[int], stops: set) -> list[int]:

@@ -54,3 +54,27 @@ def test_block_models_need_their_block_size(folder, capsys):
     assert "needs its block size" in err and err.count("\n") == 1
     assert gen.main(["--checkpoint", str(folder), "--objective", "block_a2d", "--block-size", "4", "--prompt", "ab",
                      "--gen-length", "8", "--steps", "8"]) == 0
+
+
+def test_cache_and_parallel_rule_reach_the_sampler(folder, capsys, monkeypatch):
+    gen = _script()
+    seen = {}
+    real = gen.diffusion_generate
+
+    def spy(model, prompts, **kw):
+        seen.update(kw)
+        return real(model, prompts, **kw)
+
+    monkeypatch.setattr(gen, "diffusion_generate", spy)
+    assert gen.main(["--checkpoint", str(folder), "--prompt", "ab", "--gen-length", "8", "--steps", "8",
+                     "--block-length", "4", "--kv-cache", "dual", "--cache-refresh", "2", "--factor", "1.0"]) == 0
+    assert (seen["kv_cache"], seen["cache_refresh"], seen["factor"], seen["threshold"]) == ("dual", 2, 1.0, None)
+    with pytest.raises(SystemExit):  # one rule at a time
+        gen.main(["--checkpoint", str(folder), "--prompt", "ab", "--threshold", "0.9", "--factor", "1.0"])
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_help_examples_keep_their_line_breaks():
+    """A lone backslash at a docstring line's end joined two example lines in --help."""
+    doc = _script().__doc__
+    assert "qwen3_tokenizer \\\n        --chat" in doc
