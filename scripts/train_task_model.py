@@ -14,7 +14,8 @@ three ordinary training runs, each from the previous one's checkpoint:
 
 A finished stage is reused (its run folder holds a checkpoint at its last step), so an
 interrupted recipe resumes where it stopped. The model the sampler benchmarks measure
-(``scripts/bench_sampler.py``) is stage 3's checkpoint.
+(``scripts/bench_sampler.py``) is stage 3's checkpoint. Further arguments are config overrides
+given to every stage (``--training.steps=20`` for a quick look).
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="outputs/task", help="folder of the three runs (default: outputs/task)")
     ap.add_argument("--data", default="outputs/data/arith_task", help="folder of the task's files")
-    args = ap.parse_args(argv)
-    from rnd1.config import load_config
+    args, overrides = ap.parse_known_args(argv)
+    from rnd1.config import ConfigError, load_config
 
     data, out = Path(args.data), Path(args.out)
     if not (data / "heldout.jsonl").is_file():
@@ -49,7 +50,11 @@ def main(argv=None) -> int:
     t_all = time.perf_counter()
     for k, name in enumerate(STAGES, 1):
         config = REPO / "train_configs" / "task" / name
-        cfg = load_config(config)
+        try:
+            cfg = load_config(config, overrides)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         run = out / Path(cfg.job.dump_folder).name
         steps = cfg.training.steps
         source = {"task_ar.toml": f"{data}/pretrain.jsonl", "task_a2d.toml": f"{data}/pretrain.jsonl",
@@ -59,10 +64,12 @@ def main(argv=None) -> int:
             print(f"[task] {k}/3 {name}: {run} is finished, reused", flush=True)
         else:
             cmd = [sys.executable, "-m", "rnd1.train", "--config", str(config), f"--job.dump_folder={run}",
-                   f"--data.datasets=[\"{dataset}\"]", f"--data.prepare={source}", "--job.print_config=false"]
+                   f"--data.datasets=[\"{dataset}\"]", f"--data.prepare={source}", "--job.print_config=false",
+                   *overrides]
             if previous is not None:
                 cmd.append(f"--checkpoint.initial_load_path={previous / 'checkpoint'}")
-            print(f"[task] {k}/3 {name}: {steps} steps -> {run}", flush=True)
+            start = "random init" if previous is None else previous / "checkpoint"
+            print(f"[task] {k}/3 {name}: {steps} steps from {start} -> {run}", flush=True)
             t0 = time.perf_counter()
             if subprocess.run(cmd, cwd=REPO).returncode:
                 return 1

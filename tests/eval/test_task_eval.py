@@ -130,3 +130,28 @@ def test_bench_sampler_refuses_an_unknown_setting(checkpoint, capsys):
     with pytest.raises(SystemExit) as e:
         bench.main(["--checkpoint", str(checkpoint), "--settings", "full/fixed"])
     assert e.value.code == 2 and "expected CACHE/RULE" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_recipe_runs_its_three_stages_each_from_the_last(task, tmp_path):
+    """scripts/train_task_model.py with 4 steps a stage: three runs, stage 2 and 3 started from the
+    previous checkpoint, a finished recipe reused; the result loads and scores."""
+    import subprocess
+
+    out = tmp_path / "runs"
+    cmd = [sys.executable, str(REPO / "scripts" / "train_task_model.py"), "--out", str(out), "--data", str(task),
+           "--training.steps=4", "--checkpoint.interval=4", "--eval.interval=0", "--metrics.log_freq=2"]
+    got = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert got.returncode == 0, got.stdout[-3000:] + got.stderr[-3000:]
+    for stage in ("ar", "a2d", "sft"):
+        assert (out / stage / "checkpoint" / "step-00000004").is_dir()
+    assert "[task] 3/3 task_sft.toml: done" in got.stdout
+    assert f"4 steps from {out / 'a2d' / 'checkpoint'} -> {out / 'sft'}" in got.stdout
+    assert f"4 steps from {out / 'ar' / 'checkpoint'} -> {out / 'a2d'}" in got.stdout
+    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and again.stdout.count("is finished, reused") == 3
+    bad = subprocess.run(cmd[:6] + ["--training.stepz=4"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "stepz" in bad.stderr
+    ev = _script("eval_task")
+    assert ev.main(["--checkpoint", str(out / "sft" / "checkpoint"), "--questions", str(task / "heldout.jsonl"),
+                    "--limit", "4", "--gen-length", "8", "--block-length", "8"]) == 0
