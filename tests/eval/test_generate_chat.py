@@ -78,3 +78,25 @@ def test_help_examples_keep_their_line_breaks():
     """A lone backslash at a docstring line's end joined two example lines in --help."""
     doc = _script().__doc__
     assert "qwen3_tokenizer \\\n        --chat" in doc
+
+
+def test_defaults_are_the_fast_settings(folder, monkeypatch):
+    from rnd1.generate import FAST_DEFAULTS
+
+    gen = _script()
+    seen = []
+    real = gen.diffusion_generate
+
+    def spy(model, prompts, **kw):
+        seen.append(kw)
+        return real(model, prompts, **kw)
+
+    monkeypatch.setattr(gen, "diffusion_generate", spy)
+    assert gen.main(["--checkpoint", str(folder), "--prompt", "ab", "--gen-length", "40"]) == 0
+    kw = seen[-1]
+    assert (kw["kv_cache"], kw["threshold"], kw["factor"], kw["block_length"], kw["steps"]) == \
+        (FAST_DEFAULTS["kv_cache"], FAST_DEFAULTS["threshold"], None, FAST_DEFAULTS["block_length"], 40)
+    assert gen.main(["--checkpoint", str(folder), "--prompt", "ab", "--gen-length", "8", "--steps", "4",
+                     "--kv-cache", "none", "--no-parallel"]) == 0
+    kw = seen[-1]
+    assert (kw["kv_cache"], kw["threshold"], kw["factor"], kw["steps"]) == ("none", None, None, 4)

@@ -75,7 +75,7 @@ def test_harness_runs_local_tasks_end_to_end(tmp_path, monkeypatch, objective):
     from rnd1.eval.harness import RND1HarnessLM
 
     lm = RND1HarnessLM(lm=OracleB(), tokenizer="byte", objective=objective, mc_samples=4, gen_steps=4,
-                       gen_length=3, block_length=3)
+                       gen_length=3, block_length=3, kv_cache="none")  # the oracle has no keys to cache
     res = simple_evaluate(model=lm, tasks=["rnd1_toy_mc", "rnd1_toy_gen"],
                           task_manager=TaskManager(include_path=str(_task_dir(tmp_path))))
     mc, gen = res["results"]["rnd1_toy_mc"], res["results"]["rnd1_toy_gen"]
@@ -107,6 +107,22 @@ def test_harness_passes_the_sampler_settings(monkeypatch):
     lm.generate_until([Req()])
     assert (seen["kv_cache"], seen["cache_refresh"], seen["factor"], seen["threshold"]) == ("dual", 2, 1.5, None)
     assert lm.get_model_info()["rnd1_record"]["sampler"]["factor"] == 1.5
+
+
+def test_harness_defaults_are_the_fast_settings():
+    from rnd1.eval import harness
+    from rnd1.generate import FAST_DEFAULTS
+
+    lm = harness.RND1HarnessLM(lm=OracleB(), tokenizer="byte", objective="a2d")
+    got = lm.sampler_settings()
+    assert (got["kv_cache"], got["threshold"], got["factor"], got["block_length"]) == \
+        (FAST_DEFAULTS["kv_cache"], FAST_DEFAULTS["threshold"], None, FAST_DEFAULTS["block_length"])
+    exact = harness.RND1HarnessLM(lm=OracleB(), tokenizer="byte", objective="a2d", kv_cache="none", threshold="None")
+    assert (exact.kv_cache, exact.threshold) == ("none", None)
+    from rnd1.diffusion.objective import get_objective
+    from rnd1.generate import fast_kv_cache
+
+    assert fast_kv_cache(get_objective("block_a2d", block_size=4)) == "prefix"  # block diffusion: its exact cache
 
 
 def test_registered_for_the_cli():
@@ -142,3 +158,4 @@ def test_eval_script_writes_table(tmp_path, monkeypatch):
     data = json.loads((tmp_path / "out" / "results.json").read_text())
     assert data["scores"]["rnd1_toy_mc"]["metric"] == "acc,none"
     assert data["record"]["sampler"]["gen_steps"] == 3 and data["record"]["seeds"] == {"sampler": 0}
+    assert (data["record"]["sampler"]["kv_cache"], data["record"]["sampler"]["threshold"]) == ("dual", 0.9)
