@@ -141,10 +141,10 @@ def _layout(prompts, suffixes, gen_length, mask_id, pad_id):
 CACHE_MODES = ("none", "prefix", "dual")
 # What scripts/generate.py and the lm-eval adapter sample with unless told otherwise: the fastest
 # setting of scripts/bench_sampler.py's sweep that kept held-out accuracy within 2 points of
-# today's sampler (one token per forward, no cache) on the task model (docs/sampling.md: 13.6x and
-# 14.2x the tokens/s in two runs at gen length 64, accuracy 61.8% against 59.6%, 500 questions). A block-diffusion
-# model keeps its exact cache of committed blocks and its own block size. diffusion_generate's
-# own defaults stay the exact ones.
+# today's sampler (one token per forward, no cache) on the task model (docs/sampling.md: 13.6x
+# and 14.2x the tokens/s in two runs at gen length 64, accuracy 61.8% against 59.6%, 500
+# questions). A block-diffusion model keeps its exact cache of committed blocks and its own block
+# size. diffusion_generate's own defaults stay the exact ones.
 FAST_DEFAULTS = {"kv_cache": "dual", "threshold": 0.9, "block_length": 32}
 
 
