@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from eval_task import evaluate, load_questions  # noqa: E402
+from eval_task import evaluate, load_task_model  # noqa: E402
 
 CACHES = ("none", "prefix", "dual")
 RULES = ("fixed", "threshold", "factor")
@@ -95,13 +95,9 @@ def main(argv=None) -> int:
     try:
         import torch
 
-        from rnd1.checkpoint.load import load_for_inference
-        from rnd1.data.tokenizer import load_tokenizer
         from rnd1.eval.record import evaluation_record
 
-        rows = load_questions(args.questions, args.limit)
-        tok = load_tokenizer("byte")
-        model = load_for_inference(args.checkpoint, objective="a2d").eval()
+        rows, tok, model = load_task_model(args.checkpoint, args.questions, args.limit)
     except (OSError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -89,12 +89,25 @@ def evaluate(model, tok, rows: list[dict], settings: dict, *, batch_size: int, s
 def load_questions(path: str, limit: int) -> list[dict]:
     from rnd1.data.jsonl import read_jsonl
 
+    if not Path(path).is_file():
+        raise ValueError(f"questions file {path} does not exist (python scripts/make_chat_data.py --task --out "
+                         f"{Path(path).parent} writes it; scripts/train_task_model.py does too)")
     rows = []
     for i, ex in read_jsonl(Path(path), ValueError):
         if not isinstance(ex.get("question"), str) or not isinstance(ex.get("answer"), str):
             raise ValueError(f"{path}:{i}: expected {{\"question\": str, \"answer\": str}}, got {sorted(ex)}")
         rows.append(ex)
     return rows[:limit] if limit else rows
+
+
+def load_task_model(checkpoint: str, questions: str, limit: int):
+    """(questions, byte tokenizer, model in eval mode); raises OSError / ValueError / RuntimeError
+    with a one-line reason (both scripts print it and exit 2)."""
+    from rnd1.checkpoint.load import load_for_inference
+    from rnd1.data.tokenizer import load_tokenizer
+
+    rows = load_questions(questions, limit)
+    return rows, load_tokenizer("byte"), load_for_inference(checkpoint, objective="a2d").eval()
 
 
 def main(argv=None) -> int:
@@ -110,14 +123,10 @@ def main(argv=None) -> int:
     try:
         import torch
 
-        from rnd1.checkpoint.load import load_for_inference
-        from rnd1.data.tokenizer import load_tokenizer
         from rnd1.eval.record import evaluation_record
 
         torch.manual_seed(args.seed)
-        rows = load_questions(args.questions, args.limit)
-        tok = load_tokenizer("byte")
-        model = load_for_inference(args.checkpoint, objective="a2d").eval()
+        rows, tok, model = load_task_model(args.checkpoint, args.questions, args.limit)
     except (OSError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

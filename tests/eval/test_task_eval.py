@@ -155,3 +155,17 @@ def test_the_recipe_runs_its_three_stages_each_from_the_last(task, tmp_path):
     ev = _script("eval_task")
     assert ev.main(["--checkpoint", str(out / "sft" / "checkpoint"), "--questions", str(task / "heldout.jsonl"),
                     "--limit", "4", "--gen-length", "8", "--block-length", "8"]) == 0
+
+
+def test_bad_inputs_are_one_line(checkpoint, tmp_path, capsys):
+    ev, bench = _script("eval_task"), _script("bench_sampler")
+    assert ev.main(["--checkpoint", str(checkpoint), "--questions", str(tmp_path / "none.jsonl")]) == 2
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "What is 1 + 1?", "answer": "2"}\n{"question": 3}\n')
+    assert bench.main(["--checkpoint", str(checkpoint), "--questions", str(bad)]) == 2
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"question": "What is 1 + 1?", "answer": "2"}\n')
+    assert ev.main(["--checkpoint", str(tmp_path / "nope"), "--questions", str(good)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 3 and "none.jsonl does not exist" in err[0] and f"{bad}:2: expected" in err[1]
+    assert "nope" in err[2]
