@@ -364,10 +364,7 @@ def _choose(logits, still, s, blk_steps, n_block, *, mask_id, vocab_limit, strat
         c_sorted = c.gather(1, ranked)
         n = torch.arange(1, c.shape[1] + 1, device=device)
         ok = ((n + 1) * (1 - c_sorted) < factor) & (c_sorted >= 0)  # a prefix: (n + 1)(1 - c_n) grows with n
-        k = ok.sum(1)
-        rank_of = torch.empty_like(ranked).scatter_(1, ranked, torch.arange(ranked.shape[1], device=device)
-                                                   .expand_as(ranked))
-        pick = (rank_of < k[:, None]) & still
+        pick = _top(ranked, ok.sum(1), still)
         best = score.argmax(1)
         pick[torch.arange(B), best] |= n_still > 0  # at least one per step
     else:
@@ -376,11 +373,15 @@ def _choose(logits, still, s, blk_steps, n_block, *, mask_id, vocab_limit, strat
             k = (n_still - keep).clamp_min(0)
         else:
             k = torch.ceil(n_still.float() / (blk_steps - s)).long()
-        ranked = torch.argsort(score, dim=1, descending=True)
-        rank_of = torch.empty_like(ranked).scatter_(1, ranked, torch.arange(ranked.shape[1], device=device)
-                                                   .expand_as(ranked))
-        pick = (rank_of < k[:, None]) & still
+        pick = _top(torch.argsort(score, dim=1, descending=True), k, still)
     return pred, pick
+
+
+def _top(ranked: torch.Tensor, k: torch.Tensor, still: torch.Tensor) -> torch.Tensor:
+    """[B, n] bool: each row's first ``k`` positions of ``ranked`` (indices, best first), among ``still``."""
+    rank_of = torch.empty_like(ranked).scatter_(1, ranked, torch.arange(ranked.shape[1], device=ranked.device)
+                                                .expand_as(ranked))
+    return (rank_of < k[:, None]) & still
 
 
 # --------------------------------------------------------------------------- block diffusion
