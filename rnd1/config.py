@@ -202,6 +202,10 @@ class Data:
     supervise_eos: bool = _f(True, "chat (SFT) datasets: mask and supervise each conversation's trailing EOS and "
                                    "the window's EOS padding (LLaDA's SFT: the model learns to end a response); "
                                    "datasets without loss masks supervise every token anyway")
+    pack_conversations: bool = _f(True, "chat (SFT) datasets: pack whole conversations into each window (no "
+                                        "compute on padding); false: one conversation per window, EOS-padded to "
+                                        "seq_len (LLaDA's SFT: the model learns to answer into a long masked "
+                                        "region, as at a long gen length)")
 
 
 @dataclass

@@ -29,6 +29,11 @@ A conversation longer than ``seq_len`` gets a window of its own and is TRUNCATED
 the window's last conversation: as in LLaDA's SFT, EOS padding reads as that response's tail.
 ``supervise_eos`` (default True, LLaDA) makes each conversation's trailing EOS and the padding
 supervised, so the model learns to end a response by filling EOS; False leaves them as context.
+``pack_conversations`` (default True) packs as above; False gives every conversation a window of
+its own, EOS-padded to ``seq_len`` (LLaDA's SFT layout). Packing wastes no compute, but the model
+then only ever sees a response followed by a few EOS: asked to fill a long masked region (a gen
+length far past the responses it was tuned on) it has never seen one, and answers EOS at once.
+One conversation per window shows it the long EOS tail, at every position up to ``seq_len``.
 These windows go through the same seeded per-epoch order and global stream as any other.
 """
 
@@ -68,9 +73,10 @@ class TextWindows:
 
 
 class ConversationWindows:
-    """Whole conversations packed greedily in file order, EOS-padded (see the module docstring)."""
+    """Whole conversations packed greedily in file order (``pack``) or one per window, EOS-padded
+    (see the module docstring)."""
 
-    def __init__(self, split: TokenSplit, seq_len: int, eos_id: int, supervise_eos: bool):
+    def __init__(self, split: TokenSplit, seq_len: int, eos_id: int, supervise_eos: bool, pack: bool = True):
         self.split, self.seq_len, self.eos_id, self.supervise_eos = split, seq_len, eos_id, supervise_eos
         starts = split.doc_starts().astype(np.int64)
         if not len(starts) or starts[0] != 0:
@@ -81,7 +87,7 @@ class ConversationWindows:
         self.truncated = int((lengths > seq_len).sum())
         first, used = [], seq_len + 1
         for i, n in enumerate(np.minimum(lengths, seq_len).tolist()):
-            if used + n > seq_len:
+            if not pack or used + n > seq_len:
                 first.append(i)
                 used = 0
             used += n
@@ -105,9 +111,9 @@ class ConversationWindows:
 
 class _Source:
     def __init__(self, split: TokenSplit, seq_len: int, seed: int, index: int, world: int, *,
-                 eos_id: int = 0, supervise_eos: bool = True):
+                 eos_id: int = 0, supervise_eos: bool = True, pack_conversations: bool = True):
         self.split, self.seq_len = split, seq_len
-        self.windows = (ConversationWindows(split, seq_len, eos_id, supervise_eos)
+        self.windows = (ConversationWindows(split, seq_len, eos_id, supervise_eos, pack_conversations)
                         if getattr(split, "has_flags", False) else TextWindows(split, seq_len))
         self.num_windows = self.windows.num_windows
         if self.num_windows < world:
@@ -127,12 +133,13 @@ class _Source:
 
 class PackedLoader:
     """Iterator of ``{"input_ids": LongTensor[B, L], "doc_ids": IntTensor[B, L], "sample_ids": LongTensor[B],
-    "loss_mask": BoolTensor[B, L]}``. ``supervise_eos`` only matters for chat splits (module docstring);
+    "loss_mask": BoolTensor[B, L]}``. ``supervise_eos`` and ``pack_conversations`` only matter for chat
+    splits (module docstring);
     ``truncated`` counts the conversations longer than ``seq_len`` (cut to fit) over all sources."""
 
     def __init__(self, splits: list[TokenSplit], *, seq_len: int, batch_size: int, eos_id: int,
                  weights: list[float] | None = None, seed: int = 0, dp_rank: int = 0, dp_world_size: int = 1,
-                 supervise_eos: bool = True):
+                 supervise_eos: bool = True, pack_conversations: bool = True):
         if not splits:
             raise DataError("no datasets given")
         weights = list(weights) if weights else [1.0] * len(splits)
@@ -140,8 +147,8 @@ class PackedLoader:
             raise DataError(f"mixture weights {weights} must be {len(splits)} non-negative numbers with a "
                             f"positive sum")
         self.probs = np.asarray(weights, dtype=np.float64) / sum(weights)
-        self.sources = [_Source(s, seq_len, seed, i, dp_world_size, eos_id=eos_id, supervise_eos=supervise_eos)
-                        for i, s in enumerate(splits)]
+        self.sources = [_Source(s, seq_len, seed, i, dp_world_size, eos_id=eos_id, supervise_eos=supervise_eos,
+                                pack_conversations=pack_conversations) for i, s in enumerate(splits)]
         self.supervise_eos = supervise_eos
         self.truncated = sum(s.windows.truncated for s in self.sources)
         self.seq_len, self.batch_size, self.eos_id = seq_len, batch_size, eos_id

@@ -111,6 +111,26 @@ def test_loader_windows_are_whole_conversations(chat_ds, supervise_eos):
     assert sum(int(b["doc_ids"].max()) > 0 for b in batches) >= 3  # windows do pack several
 
 
+def test_unpacked_windows_hold_one_conversation_each_padded_to_seq_len(chat_ds):
+    """data.pack_conversations = false (LLaDA's SFT layout): window k is conversation k, then EOS
+    to seq_len, all of it one document, the padding supervised as the response's tail."""
+    out, enc = chat_ds
+    loader, batches = _epoch(out, pack_conversations=False)
+    assert loader.sources[0].num_windows == len(enc) and loader.truncated == 1
+    seen = []
+    for b in batches:
+        ids, loss = b["input_ids"][0].tolist(), b["loss_mask"][0].tolist()
+        assert b["doc_ids"].max() == 0  # one conversation, its padding included
+        k = next(k for k, (e_ids, _) in enumerate(enc) if ids[:min(len(e_ids), SEQ)] == e_ids[:SEQ])
+        seen.append(k)
+        e_ids, e_loss = enc[k]
+        n = min(len(e_ids), SEQ)
+        assert loss[:n] == e_loss[:n]
+        assert set(ids[n:]) <= {EOS} and all(loss[n:])  # the EOS tail, supervised
+        assert len(e_ids) >= SEQ or ids[n] == EOS  # the tail starts right after the conversation
+    assert sorted(seen) == list(range(len(enc)))
+
+
 def test_supervise_eos_changes_exactly_the_eos_positions(chat_ds):
     out, _ = chat_ds
     _, on = _epoch(out, supervise_eos=True)
