@@ -94,7 +94,7 @@ class Trainer:
         self.throughput = Throughput(self.model_cfg.flops_per_token(cfg.training.seq_len), self.peak_flops,
                                      env.world_size, remeasure_peak=remeasure)
         self._resume()
-        self._update_attention_mode()
+        self._update_attention_mode(starting=True)
         # Every start-up check has passed, the resume checks included (they read the folder as the
         # last run left it): only now is the run folder written, so a failed start leaves nothing.
         if env.is_rank0:
@@ -207,17 +207,29 @@ class Trainer:
         log0(self.env, f"saved checkpoint {path}")
 
     # ----------------------------------------------------------------- recipe
-    def _update_attention_mode(self):
+    def _update_attention_mode(self, starting: bool = False):
+        """Set the attention the recipe's schedule gives at ``tokens_seen``; log a switch when it
+        happens in training. At start-up the model is set to where the schedule already is: a
+        fresh start says nothing (the start-up line names the recipe), a resume says which mode
+        it resumes in and since when, not that it switched now."""
         if self.cfg.objective.block_size:  # block diffusion's block-size warm-up, in token space
             size = B.block_size_for(self.cfg.objective, self.tokens_seen)
             if size != self.objective.block_size:
-                log0(self.env, f"block size {self.objective.block_size} -> {size} at step {self.step} "
-                               f"({self.tokens_seen:,} tokens)")
+                if not starting or self.step == 0:
+                    log0(self.env, f"block size {self.objective.block_size} -> {size} at step {self.step} "
+                                   f"({self.tokens_seen:,} tokens)")
                 self.objective.block_size = size
-        mode = B.attention_mode_for(self.cfg.objective, self.tokens_seen)
+        obj = self.cfg.objective
+        mode = B.attention_mode_for(obj, self.tokens_seen)
+        if starting and self.step > 0:
+            since = (f"since {obj.grafting_tokens:,} tokens" if obj.attention_recipe == "grafting"
+                     and mode == "bidirectional" else "since step 0")
+            blocks = f", block size {self.objective.block_size}" if obj.block_size else ""
+            log0(self.env, f"resumed at step {self.step} with {mode} attention ({obj.attention_recipe} recipe, "
+                           f"{since}){blocks}")
+        elif getattr(self.model, "attention_mode", None) != mode and (self.step > 0 or obj.attention_recipe == "grafting"):
+            log0(self.env, f"attention -> {mode} at step {self.step} ({self.tokens_seen:,} tokens)")
         if getattr(self.model, "attention_mode", None) != mode:
-            if self.step > 0 or self.cfg.objective.attention_recipe == "grafting":
-                log0(self.env, f"attention -> {mode} at step {self.step} ({self.tokens_seen:,} tokens)")
             self.model.set_attention_mode(mode)
 
     def _autocast(self):

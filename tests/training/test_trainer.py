@@ -44,7 +44,7 @@ def test_default_config_trains_and_loss_falls(tmp_path, byte_dataset):
 
 
 @pytest.mark.parametrize("objective,recipe", [("a2d", "scp"), ("ar", "causal"), ("mdlm", "grafting")])
-def test_resume_is_bit_exact(tmp_path, byte_dataset, objective, recipe):
+def test_resume_is_bit_exact(tmp_path, byte_dataset, objective, recipe, capsys):
     extra = {"objective.name": objective, "objective.attention_recipe": recipe,
              "objective.grafting_tokens": 4 * 64 * 2, "lr_schedule.warmup_tokens": 4 * 64 * 3,
              "training.global_batch_tokens": 4 * 64 * 2, "eval.interval": 3}
@@ -52,7 +52,13 @@ def test_resume_is_bit_exact(tmp_path, byte_dataset, objective, recipe):
     Trainer(load_config(CONFIG, _overrides(full, byte_dataset, **extra)), _env()).train()
     part = tmp_path / "part"
     Trainer(load_config(CONFIG, _overrides(part, byte_dataset, **{**extra, "training.steps": 3})), _env()).train()
+    capsys.readouterr()
     Trainer(load_config(CONFIG, _overrides(part, byte_dataset, **extra)), _env()).train()  # resumes at 3
+    log = capsys.readouterr().out
+    mode, since = {"scp": ("bidirectional", "since step 0"), "causal": ("causal", "since step 0"),
+                   "grafting": ("bidirectional", "since 512 tokens")}[recipe]
+    assert f"resumed at step 3 with {mode} attention ({recipe} recipe, {since})" in log, log
+    assert "attention ->" not in log  # nothing switched in the resumed run: the switch was at step 2 / 0
     a, b = _losses(full), _losses(part)
     assert sorted(a) == sorted(b) == list(range(1, 7))
     assert all(a[s] == b[s] for s in a), (a, b)  # bit-identical floats
