@@ -159,3 +159,29 @@ def test_eval_script_writes_table(tmp_path, monkeypatch):
     assert data["scores"]["rnd1_toy_mc"]["metric"] == "acc,none"
     assert data["record"]["sampler"]["gen_steps"] == 3 and data["record"]["seeds"] == {"sampler": 0}
     assert (data["record"]["sampler"]["kv_cache"], data["record"]["sampler"]["threshold"]) == ("dual", 0.9)
+
+
+def test_the_cli_without_lm_eval_is_one_line_and_exit_2(monkeypatch, capsys):
+    """rnd1-lm-eval is installed with rnd1 even without the eval extra: it says what to install."""
+    import sys
+
+    from rnd1.eval import lm_eval_cli
+
+    for name in [m for m in sys.modules if m == "lm_eval" or m.startswith("lm_eval.")] + ["lm_eval"]:
+        monkeypatch.setitem(sys.modules, name, None)  # import lm_eval... -> ImportError
+    monkeypatch.delitem(sys.modules, "rnd1.eval.harness", raising=False)
+    monkeypatch.delattr("rnd1.eval.harness", raising=False)
+    assert lm_eval_cli.main(["--model", "rnd1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install -e '.[eval]'" in err, err
+
+
+def test_the_cli_help_says_how_to_name_the_model(capsys):
+    from rnd1.eval import lm_eval_cli
+
+    with pytest.raises(SystemExit) as e:
+        lm_eval_cli.main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("rnd1-lm-eval: lm_eval's command line with --model rnd1 registered")
+    assert "--model_args checkpoint=" in out and "usage:" in out  # ours, then lm_eval's own help
