@@ -56,6 +56,12 @@ def load_for_inference(checkpoint: str | Path, model: str = "", objective: "str 
 
     attention = (objective if isinstance(objective, Objective) else OBJECTIVES[objective]).attention
     if not is_dcp_checkpoint(checkpoint):
+        p = Path(checkpoint)
+        if not p.is_dir() or not (p / "config.json").is_file():
+            what = "no such folder" if not p.exists() else "not a folder" if not p.is_dir() else \
+                "neither a trainer checkpoint (no complete step-N folder) nor a Hugging Face folder (no config.json)"
+            raise ValueError(f"{checkpoint}: {what}; expected a trainer's checkpoint folder (RUN/checkpoint or "
+                             f"RUN/checkpoint/step-N) or a Hugging Face checkpoint folder")
         return load_pretrained(checkpoint, attention=attention)
     saved = checkpoint_info(checkpoint).get("model_config")
     if model:

@@ -56,6 +56,16 @@ def test_block_models_need_their_block_size(folder, capsys):
                      "--gen-length", "8", "--steps", "8"]) == 0
 
 
+def test_a_missing_or_wrong_checkpoint_path_names_both_kinds(tmp_path, capsys):
+    """The one line names what a checkpoint can be: the trainer's own folder or a HF folder."""
+    gen = _script()
+    for path, what in [(tmp_path / "nope", "no such folder"), (tmp_path, "neither a trainer checkpoint")]:
+        assert gen.main(["--checkpoint", str(path), "--prompt", "ab"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and what in err, err
+        assert "RUN/checkpoint" in err and "Hugging Face checkpoint folder" in err
+
+
 def test_cache_and_parallel_rule_reach_the_sampler(folder, capsys, monkeypatch):
     gen = _script()
     seen = {}
