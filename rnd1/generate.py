@@ -48,6 +48,7 @@ class GenerationOutput:
     seconds: float
     commit_order: list[list[int]] = field(default_factory=list)  # per row: region offsets in commit order
     row_forwards: list[int] = field(default_factory=list)  # per row: forwards while the row was still decoding
+    cache_nfe: int = 0  # of nfe, forwards that only write a block-diffusion KV cache (prompt prefill, finished blocks)
 
     @property
     def tokens_per_s(self) -> float:
@@ -437,15 +438,15 @@ def _block_generate(model, prompts, *, gen_length, steps, mask_id, objective, bl
     groups: dict[int, list[int]] = {}
     for b, p in enumerate(prompts):
         groups.setdefault(len(p), []).append(b)
-    nfe, t0 = 0, time.perf_counter()
+    nfe, cache_nfe, t0 = 0, 0, time.perf_counter()
     kw = dict(mask_id=mask_id, vocab_limit=vocab_limit, strategy=strategy, threshold=threshold, factor=factor,
               temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
     for P, rows in groups.items():
         seq = torch.tensor([list(prompts[b]) + [mask_id] * gen_length for b in rows], dtype=torch.long,
                            device=device)
         if gen_length > 0:
-            n, o = _decode_blocks(model, seq, P, steps, objective, eos_id, kv_cache, kw)
-            nfe += n
+            n, c, o = _decode_blocks(model, seq, P, steps, objective, eos_id, kv_cache, kw)
+            nfe, cache_nfe = nfe + n, cache_nfe + c
             for i, b in enumerate(rows):
                 order[b] = o[i]
         x[rows, L - seq.shape[1]:] = seq.cpu()
@@ -456,13 +457,14 @@ def _block_generate(model, prompts, *, gen_length, steps, mask_id, objective, bl
         if eos_id is not None and eos_id in gen:
             gen = gen[:gen.index(eos_id) + 1]
         tokens.append(gen)
-    return GenerationOutput(tokens, x, nfe, seconds, order)
+    return GenerationOutput(tokens, x, nfe, seconds, order, cache_nfe=cache_nfe)
 
 
 def _decode_blocks(model, seq: torch.Tensor, P: int, steps: int, objective, eos_id, use_cache: bool,
-                   kw: dict) -> tuple[int, list[list[int]]]:
+                   kw: dict) -> tuple[int, int, list[list[int]]]:
     """Denoise ``seq`` [n, T] (prompts of length ``P``, then mask ids) in place, block by block.
-    Returns the forward count and each row's commit order (offsets from ``P``)."""
+    Returns the forward count, how many of those only wrote the cache, and each row's commit
+    order (offsets from ``P``)."""
     from rnd1.model.attention_masks import BlockCausal
     from rnd1.model.kv_cache import KVCache
 
@@ -474,7 +476,7 @@ def _decode_blocks(model, seq: torch.Tensor, P: int, steps: int, objective, eos_
     region = (P + torch.arange(T - P, device=device)).expand(n, T - P)
     done = torch.zeros(n, dtype=torch.bool, device=device)
     order: list[list[int]] = [[] for _ in range(n)]
-    nfe = 0
+    nfe = cache_nfe = 0
     cache = KVCache() if use_cache else None
     carry = None  # A2D with the cache: the clean output just before the current block
     if use_cache and first > 0:  # prefill the prompt's complete blocks (block-causal among themselves)
@@ -484,6 +486,7 @@ def _decode_blocks(model, seq: torch.Tensor, P: int, steps: int, objective, eos_
                                 kv_cache=cache, positions=pos,
                                 attn_mask=BlockCausal.prefix(first * bs, bs, n, device))[:, 0]
         nfe += 1
+        cache_nfe += 1
     steps_left = steps
     for k in range(n_blocks):
         s0 = (first + k) * bs
@@ -525,7 +528,8 @@ def _decode_blocks(model, seq: torch.Tensor, P: int, steps: int, objective, eos_
                 carry = _outputs_at(model, seq[:, s0:e], torch.tensor([e - s0 - 1], device=device),
                                     kv_cache=cache)[:, 0]
             nfe += 1
-    return nfe, order
+            cache_nfe += 1
+    return nfe, cache_nfe, order
 
 
 def _stop_at_eos(x, region, mask_id, eos_id, done):

@@ -56,6 +56,22 @@ def test_block_models_need_their_block_size(folder, capsys):
                      "--gen-length", "8", "--steps", "8"]) == 0
 
 
+def test_a_block_models_nfe_says_which_forwards_are_cache_writes(folder, capsys):
+    """--steps 8 on a block model with its cache: NFE counts the cache-writing passes too, and says
+    so (issue 32: "NFE 36" for --steps 32 was unexplained)."""
+    import re
+
+    gen = _script()
+    assert gen.main(["--checkpoint", str(folder), "--objective", "block_a2d", "--block-size", "4", "--prompt",
+                     "abcdef", "--gen-length", "12", "--steps", "8"]) == 0
+    line = capsys.readouterr().out.splitlines()[-1]
+    m = re.match(r"NFE (\d+) \((\d+) denoising \+ (\d+) that write the block cache: the prompt's prefill and "
+                 r"each finished block's clean pass\)", line)
+    assert m, line
+    nfe, steps, writes = map(int, m.groups())
+    assert nfe == steps + writes and steps <= 8 and writes >= 1
+
+
 def test_a_missing_or_wrong_checkpoint_path_names_both_kinds(tmp_path, capsys):
     """The one line names what a checkpoint can be: the trainer's own folder or a HF folder."""
     gen = _script()
