@@ -75,7 +75,7 @@ class Job:
     """Where the run writes and what it prints."""
     dump_folder: str = _f("./outputs/run", "run folder: config.toml, metrics.jsonl, checkpoints, exports")
     description: str = _f("", "free text for people reading the run folder (kept in its config.toml, read by no code)")
-    print_config: bool = _f(True, "print the resolved config at start-up")
+    print_config: bool = _f(True, "print the resolved config once every start-up check has passed")
 
 
 @dataclass
@@ -264,7 +264,11 @@ class Eval:
     interval: int = _f(0, "validate every N steps (0: never)", _nonneg)
     val_steps: int = _f(4, "validation micro-batches", _pos)
     val_seed: int = _f(1234, "seed of the validation masks", _nonneg)
-    val_t_grid: list[float] = _f([0.1, 0.3, 0.5, 0.7, 0.9], "noise levels the validation loss averages over")
+    # midpoint_grid(8) of rnd1/eval/perplexity.py, which scripts/eval_ppl.py uses too: one checkpoint,
+    # one bound (tests/eval/test_perplexity.py keeps them equal)
+    val_t_grid: list[float] = _f([0.0625, 0.1875, 0.3125, 0.4375, 0.5625, 0.6875, 0.8125, 0.9375],
+                                 "noise levels the validation NELBO averages over (default: the midpoints of 8 "
+                                 "equal strata of (0, 1], the quadrature scripts/eval_ppl.py uses)")
     tasks: list[str] = _f([], "JSONL task files scored during training (rnd1.eval.tasks)")
     task_interval: int = _f(0, "score tasks every N steps (0: never)", _nonneg)
 
@@ -332,6 +336,10 @@ class JobConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def given_on_command_line(self, key: str) -> bool:
+        """Whether ``section.key`` was set by a ``--section.key`` override (not the file or the default)."""
+        return key in getattr(self, "_cli_keys", ())
 
     def to_toml(self) -> str:
         return dump_toml(self.to_dict())
@@ -432,6 +440,8 @@ def _set(cfg: JobConfig, section: str, key: str, value: Any, origin: str, from_c
             if err:
                 raise ConfigError(f"{where}: {v!r} {err}")
     setattr(getattr(cfg, section), key, value)
+    if from_cli:  # not a dataclass field: it is not part of the config (to_dict / to_toml leave it out)
+        cfg._cli_keys = getattr(cfg, "_cli_keys", frozenset()) | {f"{section}.{key}"}
 
 
 # --------------------------------------------------------------------------- loading

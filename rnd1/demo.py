@@ -40,7 +40,7 @@ def _finished(run: Path, steps: int) -> bool:
 
 def _train(config: str, run: Path, data: Path, steps: int, *extra: str) -> None:
     cmd = [sys.executable, "-m", "rnd1.train", "--config", str(CONFIGS / config), f"--job.dump_folder={run}",
-           f"--data.datasets=[\"{data}\"]", f"--training.steps={steps}", f"--metrics.log_freq={max(steps // 4, 1)}",
+           f"--data.datasets=[\"{data}\"]", "--data.prepare=stdlib", f"--training.steps={steps}", f"--metrics.log_freq={max(steps // 4, 1)}",
            "--eval.interval=0", f"--checkpoint.interval={steps}", "--job.print_config=false", *extra]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO)

@@ -24,8 +24,8 @@ from rnd1.checkpoint.dcp import CheckpointError, CheckpointManager, checkpoint_i
 from rnd1.config import ConfigError, JobConfig, parse_args, validate
 from rnd1.data.shards import DataError
 from rnd1.diffusion.objective import get_objective
-from rnd1.metrics import (MetricsLogger, MetricsWriteError, Throughput, measure_matmul_peak, peak_memory_bytes,
-                          router_balance)
+from rnd1.metrics import (MATMUL_PEAK_HOW, MetricsLogger, MetricsWriteError, Throughput, measure_matmul_peak,
+                          peak_memory_bytes, router_balance)
 from rnd1.parallel.env import (DistEnv, announce_bad_input, barrier, collective_timeout_message, destroy,
                                first_to_report, init_distributed, peer_had_bad_input)
 from rnd1.parallel.fsdp import reshard_all
@@ -52,8 +52,6 @@ class Trainer:
     def __init__(self, cfg: JobConfig, env: DistEnv):
         self.cfg, self.env = cfg, env
         self.run_dir = Path(cfg.job.dump_folder)
-        if env.is_rank0 and cfg.job.print_config:
-            print(cfg.to_toml(), flush=True)
         torch.manual_seed(cfg.training.seed)
         if cfg.training.deterministic:
             torch.use_deterministic_algorithms(True)
@@ -96,14 +94,18 @@ class Trainer:
         self._resume()
         self._update_attention_mode(starting=True)
         # Every start-up check has passed, the resume checks included (they read the folder as the
-        # last run left it): only now is the run folder written, so a failed start leaves nothing.
+        # last run left it): only now is the run folder written, so a failed start leaves nothing,
+        # and only now is the config printed, so a refusal is the one line a failed start prints.
+        if env.is_rank0 and cfg.job.print_config:
+            print(cfg.to_toml(), flush=True)
         if env.is_rank0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.toml").write_text(cfg.to_toml())
         self.metrics = MetricsLogger(self.run_dir, enabled=env.is_rank0, tensorboard=cfg.metrics.enable_tensorboard,
                                      save_jsonl=cfg.metrics.save_jsonl)
         for line in B.autotune_kernels(cfg, self.model_cfg, self.batch, self.parallel, env, self.objective,
-                                       self._compute_dtype, self.run_dir / "autotune.json", optimizer=self.optimizer):
+                                       self._compute_dtype, self.run_dir / "autotune.json", optimizer=self.optimizer,
+                                       peak_flops=None if cfg.metrics.peak_flops else self.peak_flops):
             log0(env, line)
 
     @property
@@ -328,7 +330,8 @@ class Trainer:
                   f"recipe {cfg.objective.attention_recipe}; {total_steps} steps x "
                   f"{self.batch.global_batch_tokens:,} tokens (micro-batch {cfg.training.local_batch_size} x "
                   f"{cfg.training.seq_len}, grad accum {self.batch.grad_accum}, dp {self.parallel.dp_size}); "
-                  f"peak {self.peak_flops / 1e12:.2f} TFLOP/s per process")
+                  f"peak {self.peak_flops / 1e12:.2f} TFLOP/s per process "
+                  f"({'metrics.peak_flops' if cfg.metrics.peak_flops else MATMUL_PEAK_HOW})")
         own_handler = preempt is None  # main's handler stays until the process exits (a failure after
         preempt = preempt or PreemptionHandler(watch_parent=_under_torchrun())  # this one is not fatal)
         t_start = time.perf_counter()

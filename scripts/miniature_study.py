@@ -54,7 +54,7 @@ def main(argv=None) -> int:
 
     py = [sys.executable, "-m"]
     tokens_per_step = args.seq_len * args.batch
-    common = [f"--data.datasets={args.data}", f"--training.seq_len={args.seq_len}",
+    common = [f"--data.datasets={args.data}", "--data.prepare=stdlib", f"--training.seq_len={args.seq_len}",
               f"--training.local_batch_size={args.batch}", "--job.print_config=false", "--metrics.log_freq=5"]
     timings = {}
     log("## AR pretraining")

@@ -72,6 +72,15 @@ def ensure_datasets(cfg, tokenizer, mcfg: ModelConfig, env: DistEnv) -> list:
     from rnd1.data.shards import DataError, TokenDataset
 
     d = cfg.data
+    # data.prepare builds the datasets it was configured with. A path given alone on the command
+    # line is not one of them: a typo there would otherwise be tokenised into a new folder and
+    # trained on without a word (every rank checks, so every rank refuses alike)
+    if d.prepare and cfg.given_on_command_line("data.datasets") and not cfg.given_on_command_line("data.prepare"):
+        missing = [f for f in d.datasets if not (Path(f) / "meta.json").is_file()]
+        if missing:
+            raise StartupError(f"data.datasets: {missing[0]} does not exist (no meta.json); data.prepare="
+                               f"{d.prepare!r} builds only the datasets its config names: fix the path, or "
+                               f"give --data.prepare=SOURCE too to build it there")
     if env.is_rank0:
         for folder in d.datasets:
             if not (Path(folder) / "meta.json").is_file() and d.prepare:
@@ -246,7 +255,8 @@ def training_attention(cfg, objective, batch: "BatchPlan", mcfg: ModelConfig, de
 
 
 def autotune_kernels(cfg, mcfg: ModelConfig, batch: "BatchPlan", dims: ParallelDims, env: DistEnv, objective,
-                     dtype: torch.dtype, cache_file: Path | None, optimizer=None) -> list[str]:
+                     dtype: torch.dtype, cache_file: Path | None, optimizer=None,
+                     peak_flops: float | None = None) -> list[str]:
     """``auto`` kernels choose their implementation by measurement (``rnd1.kernels.autotune``), at this
     run's shapes: the expert matmul (per-expert loop, ``F.grouped_mm``, Triton on CUDA), the
     masked cross-entropy's chunk size and, given the ``optimizer``, AdamW's kernel (fused or
@@ -311,7 +321,7 @@ def autotune_kernels(cfg, mcfg: ModelConfig, batch: "BatchPlan", dims: ParallelD
         return []
     answers, lines = [None] * len(jobs), []
     if env.is_rank0:
-        tuner = Autotuner(cache_file, shared_file=shared_cache_file())
+        tuner = Autotuner(cache_file, shared_file=shared_cache_file(), peak_flops=peak_flops)
         for i, (op, key, make, *names) in enumerate(jobs):
             # named candidates are made only if not cached (AdamW's copy the parameters)
             choice = tuner.choose(op, key, make if names else make(), device=env.device.type,

@@ -37,6 +37,21 @@ def test_a_config_error_under_run_train_sh_is_one_line_and_exit_2(nproc):
     assert out.stdout == ""
 
 
+@pytest.mark.parametrize("nproc", [1, pytest.param(2, marks=pytest.mark.multiprocess)])
+def test_a_misspelled_dataset_path_is_refused_not_built(tmp_path, nproc):
+    """The default config builds its own dataset when it is missing; a path given alone on the
+    command line (a typo of it, say) is refused in one line, on every rank, and nothing is built."""
+    typo = tmp_path / "stdlib_bytee"
+    out = _launch(["./run_train.sh", f"--data.datasets={typo}", f"--job.dump_folder={tmp_path / 'run'}"],
+                  NPROC=str(nproc))
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert out.stderr.splitlines() == [
+        f"error: data.datasets: {typo} does not exist (no meta.json); data.prepare='stdlib' builds only the "
+        f"datasets its config names: fix the path, or give --data.prepare=SOURCE too to build it there"], out.stderr
+    assert not typo.exists() and not (tmp_path / "run").exists()
+    assert "[job]" not in out.stdout  # the config is printed once the checks pass, not before a refusal
+
+
 def test_a_crash_keeps_torchruns_report():
     out = _launch([sys.executable, "-m", "rnd1.launch", "--standalone", "--nproc_per_node=1",
                    "-m", "rnd1.no_such_module"])

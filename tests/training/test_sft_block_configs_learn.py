@@ -28,7 +28,8 @@ def _run(config: str, overrides: dict) -> list[float]:
 
 def test_debug_sft_loss_falls(tmp_path):
     losses = _run("debug_sft.toml", {"job.dump_folder": str(tmp_path / "run"), "training.steps": 60,
-                                     "eval.interval": 0, "data.datasets": f'["{tmp_path / "chat"}"]'})
+                                     "eval.interval": 0, "data.datasets": f'["{tmp_path / "chat"}"]',
+                                     "data.prepare": "chat:data/arith_chat.jsonl"})
     assert len(losses) == 60
     first, last = losses[0], sum(losses[-10:]) / 10
     assert first > 5.0  # an untrained model on bytes: about log 258 per response token
