@@ -16,7 +16,7 @@ import sys
 
 from rnd1.checkpoint.load import load_for_inference, objective_for
 from rnd1.diffusion.objective import OBJECTIVES
-from rnd1.eval.perplexity import heldout_nelbo, midpoint_grid
+from rnd1.eval.perplexity import DEFAULT_T_POINTS, heldout_nelbo, midpoint_grid
 
 
 def main(argv=None) -> int:
@@ -32,7 +32,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--num-sequences", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--t-points", type=int, default=8, help="quadrature points: midpoints of equal strata of t")
+    ap.add_argument("--t-points", type=int, default=DEFAULT_T_POINTS,
+                    help="quadrature points: midpoints of equal strata of t (the training validation's default grid)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default="", help="also write the result here")
     args = ap.parse_args(argv)

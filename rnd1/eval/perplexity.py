@@ -46,6 +46,11 @@ class HeldOutResult:
         return asdict(self)
 
 
+# The one quadrature of E_t: scripts/eval_ppl.py's default and the training validation's default
+# eval.val_t_grid, so a checkpoint has one NELBO whichever reports it.
+DEFAULT_T_POINTS = 8
+
+
 def midpoint_grid(points: int) -> list[float]:
     """Midpoints of ``points`` equal strata of (0, 1]: a stratified quadrature of E_t."""
     if points < 1:

@@ -18,6 +18,16 @@ from rnd1.model.qwen3 import build_model
 REPO = Path(__file__).resolve().parents[2]
 
 
+def test_training_validation_and_eval_ppl_share_one_quadrature():
+    """Issue 32: val 2.198 in training, 2.737 from eval_ppl.py for one checkpoint (5 points on
+    [0.1, 0.9] against 8 midpoints). One default grid now, and it reaches small t."""
+    from rnd1.config import JobConfig
+    from rnd1.eval.perplexity import DEFAULT_T_POINTS
+
+    assert JobConfig().eval.val_t_grid == midpoint_grid(DEFAULT_T_POINTS)
+    assert min(midpoint_grid(DEFAULT_T_POINTS)) < 0.1
+
+
 def test_midpoint_grid():
     assert midpoint_grid(4) == [0.125, 0.375, 0.625, 0.875]
     with pytest.raises(ValueError):
