@@ -8,6 +8,13 @@ milliseconds each, picks the fastest, says so in one line, and remembers the ans
 folder (keyed by machine and shape) so a resumed run does not measure again, and in a
 machine-wide cache so every run on the machine makes the same choice.
 
+The machine-wide cache is shared by concurrent jobs, so it is written with care: under a lock,
+re-read before writing (one job never drops another's entries), and first measurement wins (a
+later job never rewrites an entry, so every run keeps choosing alike). Each entry records the
+matmul peak its job measured at start-up (``rnd1.metrics.measure_matmul_peak``); a job whose own
+peak is more than ``PLAUSIBLE_LOAD`` times the recorded one finds the entry implausible (it was
+timed on a loaded machine), measures anew and replaces it, and says so.
+
 Only candidates that compute the same function (within the tolerance the tests state) may
 compete: the choice changes speed, never what is computed.
 
@@ -18,6 +25,7 @@ candidates are timed round-robin, so a background load slows them alike, until e
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import statistics
@@ -29,6 +37,9 @@ from typing import Callable
 import torch
 
 
+PLAUSIBLE_LOAD = 2.0  # a shared entry timed at under 1/2 of this job's matmul peak is measured again
+
+
 @dataclass
 class Choice:
     op: str
@@ -37,6 +48,7 @@ class Choice:
     timings_ms: dict[str, float] = field(default_factory=dict)
     cached: bool = False
     skipped: dict[str, str] = field(default_factory=dict)  # candidates that could not run, and why
+    stale: str = ""  # why a cached answer was measured again
 
     def line(self) -> str:
         """The one line a run logs for this choice."""
@@ -45,7 +57,8 @@ class Choice:
             return f"autotune {self.op} [{self.key}]: {self.chosen} (the only candidate{gone})"
         times = ", ".join(f"{k} {v:.3g} ms" for k, v in self.timings_ms.items())
         how = "cached" if self.cached else "measured"
-        return f"autotune {self.op} [{self.key}]: {self.chosen} ({how}: {times}{gone})"
+        why = f"; not the machine cache's answer: {self.stale}" if self.stale else ""
+        return f"autotune {self.op} [{self.key}]: {self.chosen} ({how}: {times}{gone}{why})"
 
 
 def machine_key() -> str:
@@ -135,13 +148,15 @@ def _read(path: Path | None) -> dict:
 
 class Autotuner:
     """Choices for one run: read from ``cache_file`` (the run folder's, so a resume keeps them),
-    else from ``shared_file`` (the machine's), else measured and written to both."""
+    else from ``shared_file`` (the machine's, unless implausible against ``peak_flops``, this
+    job's measured matmul peak), else measured and written to both."""
 
     def __init__(self, cache_file: str | Path | None = None, *, shared_file: str | Path | None = None,
-                 budget_ms: float = 20.0):
+                 budget_ms: float = 20.0, peak_flops: float | None = None):
         self.cache_file = Path(cache_file) if cache_file else None
         self.shared_file = Path(shared_file) if shared_file else None
         self.budget_ms = budget_ms
+        self.peak_flops = peak_flops
         self.machine = machine_key()
         self._cache = _read(self.cache_file)
         self._shared = _read(self.shared_file)
@@ -160,11 +175,15 @@ class Autotuner:
             (only,) = candidates
             return Choice(op, key, only, {})
         name = f"{op}|{key}"
+        stale = ""
         for store in (self._cache, self._shared):
             entry = store.get(self.machine, {}).get(name)
             if isinstance(entry, dict) and entry.get("chosen") in candidates:
-                if store is self._shared:  # the run folder records what this run uses
-                    self._cache.setdefault(self.machine, {})[name] = entry
+                if store is self._shared:
+                    stale = self._implausible(entry)
+                    if stale:
+                        continue
+                    self._cache.setdefault(self.machine, {})[name] = entry  # the run folder records what it uses
                     _write(self.cache_file, self._cache, required=True)
                 return Choice(op, key, entry["chosen"], entry.get("ms", {}), cached=True)
         if make is not None:
@@ -172,10 +191,38 @@ class Autotuner:
         skipped: dict[str, str] = {}
         ms = measure(candidates, budget_ms=self.budget_ms, device=device, skipped=skipped)
         chosen = min(ms, key=ms.get)
-        for store, path, required in ((self._cache, self.cache_file, True), (self._shared, self.shared_file, False)):
-            store.setdefault(self.machine, {})[name] = {"chosen": chosen, "ms": ms}
-            _write(path, store, required)
-        return Choice(op, key, chosen, ms, skipped=skipped)
+        entry = {"chosen": chosen, "ms": ms, **({"peak_flops": self.peak_flops} if self.peak_flops else {})}
+        self._cache.setdefault(self.machine, {})[name] = entry
+        _write(self.cache_file, self._cache, required=True)
+        self._share(name, entry, replace=bool(stale))
+        return Choice(op, key, chosen, ms, skipped=skipped, stale=stale)
+
+    def _implausible(self, entry: dict) -> str:
+        """Why a shared entry cannot be trusted here ('' when it can): it was timed when the
+        machine's matmul peak was under 1/``PLAUSIBLE_LOAD`` of this job's, i.e. under load."""
+        then = entry.get("peak_flops")
+        if self.peak_flops and then and self.peak_flops > PLAUSIBLE_LOAD * then:
+            return (f"it was timed at a matmul peak of {then / 1e12:.3g} TFLOP/s, this job's is "
+                    f"{self.peak_flops / 1e12:.3g} (a loaded machine then)")
+        return ""
+
+    def _share(self, name: str, entry: dict, *, replace: bool) -> None:
+        """Add ``entry`` to the machine cache under its lock, re-reading it first so concurrent jobs
+        lose nothing; an existing entry stays (first measurement wins) unless ``replace``."""
+        path = self.shared_file
+        if not path:
+            return
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path.with_name(path.name + ".lock"), "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                shared = _read(path)
+                if replace or name not in shared.get(self.machine, {}):
+                    shared.setdefault(self.machine, {})[name] = entry
+                    _write(path, shared, required=False)
+                self._shared = shared
+        except OSError:
+            pass  # an unwritable machine cache (a read-only home) only costs future measurements
 
 
 def _write(path: Path | None, data: dict, required: bool) -> None:

@@ -154,3 +154,38 @@ def test_the_machine_cache_makes_every_run_choose_alike(tmp_path):
         "op", "k", {"a": lambda: time.sleep(0.002), "b": lambda: None})  # would now measure b faster
     assert first.chosen == second.chosen == "a" and second.cached
     assert (tmp_path / "run2.json").is_file()  # the run folder records what the run used
+
+
+def test_concurrent_jobs_keep_each_others_entries_and_the_first_measurement(tmp_path):
+    """Issue 32: jobs sharing the machine cache rewrote each other's timings. Two jobs opened the
+    cache before either wrote: both entries survive, and the one measured first is kept."""
+    shared = tmp_path / "machine.json"
+    a = Autotuner(tmp_path / "a.json", shared_file=shared, budget_ms=1)
+    b = Autotuner(tmp_path / "b.json", shared_file=shared, budget_ms=1)
+    a.choose("op", "k1", {"x": lambda: None, "y": lambda: time.sleep(0.002)})
+    b.choose("op", "k2", {"x": lambda: None, "y": lambda: time.sleep(0.002)})
+    first = a.choose("op", "k3", {"x": lambda: None, "y": lambda: time.sleep(0.002)})
+    b.choose("op", "k3", {"x": lambda: time.sleep(0.002), "y": lambda: None})  # b opened before a wrote k3
+    (entries,) = json.loads(shared.read_text()).values()
+    assert set(entries) == {"op|k1", "op|k2", "op|k3"}
+    assert entries["op|k3"]["chosen"] == first.chosen == "x"
+    later = Autotuner(tmp_path / "c.json", shared_file=shared).choose("op", "k3", {"x": None, "y": None})
+    assert later.cached and later.chosen == "x"
+
+
+def test_a_shared_entry_timed_under_load_is_measured_again(tmp_path):
+    """An entry records the matmul peak of the job that timed it; a job whose own peak is over
+    twice that finds it implausible, measures, says so, and replaces it."""
+    shared = tmp_path / "machine.json"
+    Autotuner(tmp_path / "a.json", shared_file=shared, budget_ms=1, peak_flops=1e11).choose(
+        "op", "k", {"x": lambda: None, "y": lambda: time.sleep(0.002)})
+    near = Autotuner(tmp_path / "b.json", shared_file=shared, peak_flops=1.9e11).choose(
+        "op", "k", {"x": None, "y": None})
+    assert near.cached and near.chosen == "x"
+    fresh = Autotuner(tmp_path / "c.json", shared_file=shared, budget_ms=1, peak_flops=1e12).choose(
+        "op", "k", {"x": lambda: time.sleep(0.002), "y": lambda: None})
+    assert not fresh.cached and fresh.chosen == "y"
+    assert fresh.line().endswith("; not the machine cache's answer: it was timed at a matmul peak of 0.1 TFLOP/s, "
+                                 "this job's is 1 (a loaded machine then))")
+    (entries,) = json.loads(shared.read_text()).values()
+    assert entries["op|k"]["chosen"] == "y" and entries["op|k"]["peak_flops"] == 1e12
