@@ -13,6 +13,7 @@ import json
 import math
 import os
 import resource
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -21,36 +22,44 @@ from typing import Callable
 import torch
 
 
-def measure_matmul_peak(dtype: torch.dtype = torch.float32, n: int = 2048, reps: int = 5,
+def measure_matmul_peak(dtype: torch.dtype = torch.float32, n: int = 2048, reps: int = 7,
                         device: str | torch.device = "cpu", budget_s: float = 2.0) -> float:
-    """Best FLOP/s of a square matmul of ``dtype`` over ``reps`` timed runs (after one warm-up).
+    """FLOP/s of a square matmul of ``dtype``: the MEDIAN of ``reps`` timed runs after two
+    warm-ups (MFU divides by it; ``MATMUL_PEAK_HOW`` says so in the start-up line).
 
-    The size starts at 256 and doubles up to ``n`` only while the next size's runs are expected
-    to fit in ``budget_s`` (one size up costs about 8x). Where a matmul is slow (bf16 on a CPU
-    without bf16 units takes about a minute at n=2048) start-up then spends seconds here, not
-    minutes, and the peak comes from a smaller matmul: a device that slow is nowhere near a
-    datasheet number anyway."""
+    Why the median: the best of a few runs swung 0.21-2.20 TFLOP/s between runs of one model on a
+    shared machine (issue 32), and MFU with it; a single lucky or unlucky run moves a median
+    little. The size starts at 256 and doubles up to ``n`` only while the next size's runs are
+    expected to fit in ``budget_s`` (one size up costs about 8x); the decision uses the fastest run,
+    so a burst of load does not shrink the matmul. Where a matmul is slow (bf16 on a CPU without
+    bf16 units takes about a minute at n=2048) start-up then spends seconds here, not minutes,
+    and the peak comes from a smaller matmul: a device that slow is nowhere near a datasheet
+    number anyway."""
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
 
-    def best_seconds(size: int) -> float:
+    def timed(size: int) -> list[float]:
         a = torch.randn(size, size, device=device).to(dtype)
         b = torch.randn(size, size, device=device).to(dtype)
-        a @ b
-        best = math.inf
+        for _ in range(2):
+            a @ b
+        runs = []
         for _ in range(reps):
             sync()
             t0 = time.perf_counter()
             a @ b
             sync()
-            best = min(best, time.perf_counter() - t0)
-        return best
+            runs.append(time.perf_counter() - t0)
+        return runs
 
     size = min(256, n)
-    best = best_seconds(size)
-    while size * 2 <= n and 8 * best * (reps + 1) <= budget_s:
+    runs = timed(size)
+    while size * 2 <= n and 8 * min(runs) * (reps + 2) <= budget_s:
         size *= 2
-        best = best_seconds(size)
-    return 2 * size**3 / best
+        runs = timed(size)
+    return 2 * size**3 / statistics.median(runs)
+
+
+MATMUL_PEAK_HOW = "measured at start-up: the median of 7 square matmuls after a warm-up"
 
 
 def peak_memory_bytes(device: torch.device) -> int:

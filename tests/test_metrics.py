@@ -59,3 +59,20 @@ def test_configured_peak_too_low_is_flagged_without_remeasuring():
     th = Throughput(flops_per_token=1.0, peak_flops=10.0, world_size=1, clock=clock)
     out = _one_second(th, clock, 100)
     assert out["mfu"] is None and out["mfu_peak_too_low"] is True
+
+
+def test_the_matmul_peak_is_a_median_so_one_lucky_run_does_not_set_it(monkeypatch):
+    """Issue 32: the best of 5 swung the peak (and MFU) 10x between runs on a shared machine."""
+    import rnd1.metrics as M
+
+    def ticks():
+        t = 0.0
+        for d in [0.01, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]:  # one run 100x faster than the rest
+            yield t
+            t += d
+            yield t
+
+    clock = ticks()
+    monkeypatch.setattr(M.time, "perf_counter", lambda: next(clock))
+    assert M.measure_matmul_peak(n=256, reps=7) == 2 * 256**3 / 1.0
+    assert "median" in M.MATMUL_PEAK_HOW
