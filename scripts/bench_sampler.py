@@ -2,7 +2,7 @@
 """The sampler's speed / quality frontier on the task model: cache mode x decoding rule x gen
 length, each scored on the held-out arithmetic questions.
 
-    python scripts/bench_sampler.py --checkpoint outputs/task/sft/checkpoint --out bench_sampler/
+    python scripts/bench_sampler.py --checkpoint outputs/task/sft_long/checkpoint --out bench_sampler/
     python scripts/bench_sampler.py --checkpoint CKPT --gen-lengths 256 --settings none/fixed dual/factor
 
 Settings are ``CACHE/RULE``: CACHE in none, prefix, dual (``rnd1.model.kv_cache``); RULE in
@@ -11,19 +11,24 @@ Settings are ``CACHE/RULE``: CACHE in none, prefix, dual (``rnd1.model.kv_cache`
 (Fast-dLLM's factor rule with ``--factor``). Semi-autoregressive blocks of ``--block-length``;
 greedy; a row stops at EOS. Per (gen length, setting) the table gives tokens/s, tokens per
 forward, accuracy with its standard error over ``--limit`` questions, and the speed-up and
-accuracy change against ``none/fixed`` of the same gen length (measured in the same run).
+accuracy change against ``none/fixed`` of the same gen length (measured in the same run), the
+change with its paired standard error (both settings answer the same questions).
 Before each setting is timed, its first batch runs once untimed: a new shape's first forward
 builds oneDNN primitives and would otherwise charge the setting that meets it first.
 
 ``--out`` gets ``results.json`` (every number and the record: sampler settings, seeds, model
 hash, packages, device) and ``frontier.png`` (accuracy against tokens/s, one colour per gen
 length; needs matplotlib). Timings include only the sampler's calls, on this process's threads.
+``--append`` adds this run's gen lengths to an existing ``results.json`` of the same model (a
+long gen length can then take fewer settings): a gen length is always measured whole in one run,
+so its speed-ups still compare settings of one run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -48,6 +53,17 @@ def settings_for(cache: str, rule: str, gen_length: int, args) -> dict:
             "strategy": "confidence", "kv_cache": cache, "cache_refresh": 0,
             "threshold": args.threshold if rule == "threshold" else None,
             "factor": args.factor if rule == "factor" else None, "temperature": 0.0}
+
+
+def paired_stderr(right: str, base: str) -> float:
+    """Standard error of an accuracy change measured on the SAME questions: sqrt(var(d) / n) with
+    d_i = correct_i - baseline_correct_i in {-1, 0, 1}. Much smaller than either accuracy's own
+    standard error when the two settings agree on most questions, which is what decides whether
+    a change of a few points is the sampler's or the draw of questions."""
+    d = [int(a) - int(b) for a, b in zip(right, base, strict=True)]
+    n = len(d)
+    mean = sum(d) / n
+    return math.sqrt(sum((x - mean) ** 2 for x in d) / max(n - 1, 1) / n)
 
 
 def draw(rows: list[dict], path: Path) -> bool:
@@ -91,7 +107,12 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=50)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", help="folder for results.json and frontier.png")
+    ap.add_argument("--append", action="store_true",
+                    help="add these gen lengths to --out's results.json (same model) instead of replacing it")
     args = ap.parse_args(argv)
+    if args.append and not args.out:
+        print("error: --append needs --out (the folder whose results.json it adds to)", file=sys.stderr)
+        return 2
     try:
         import torch
 
@@ -111,11 +132,25 @@ def main(argv=None) -> int:
                                         "factor": args.factor, "strategy": "confidence", "temperature": 0.0},
                                seeds={"sampler": args.seed, "torch": args.seed},
                                command=["scripts/bench_sampler.py", *(argv if argv is not None else sys.argv[1:])])
+    results, earlier = [], []
+    if args.append:
+        old = Path(args.out or ".") / "results.json"
+        try:
+            saved = json.loads(old.read_text())
+        except (OSError, ValueError) as e:
+            print(f"error: --append: cannot read {old}: {e}", file=sys.stderr)
+            return 2
+        if saved["record"]["model_hash"] != record["model_hash"]:
+            print(f"error: --append: {old} measured model {saved['record']['model_hash']}, this checkpoint is "
+                  f"{record['model_hash']}", file=sys.stderr)
+            return 2
+        # the gen lengths measured now are measured whole: earlier rows of them are replaced
+        earlier = [r for r in saved["results"] if r["gen_length"] not in args.gen_lengths]
+        record = {**record, "earlier_runs": saved["record"].get("earlier_runs", []) + [saved["record"]]}
     print(f"# {record['device']}; torch {record['packages'].get('torch')}; model {record['model_hash']}; "
           f"{len(rows)} questions")
     print(f"{'gen':>5} {'setting':<16} {'tokens/s':>9} {'tok/fwd':>7} {'accuracy':>16} {'speed-up':>8} "
-          f"{'d acc':>7} {'seconds':>8}")
-    results = []
+          f"{'d acc (paired)':>12} {'seconds':>8}")
     for G in args.gen_lengths:
         base = None
         for cache, rule in settings:
@@ -124,24 +159,28 @@ def main(argv=None) -> int:
             r = evaluate(model, tok, rows, s, batch_size=args.batch_size, seed=args.seed)
             name = f"{cache}/{rule}"
             if name == BASELINE:
-                base = r
+                base = {**r, "correct": "".join("1" if x["correct"] else "0" for x in r["replies"])}
+            right = "".join("1" if x["correct"] else "0" for x in r["replies"])  # per question, in order
             row = {"gen_length": G, "setting": name, "sampler": s,
                    **{k: r[k] for k in ("n", "accuracy", "stderr", "tokens_per_s", "tokens_per_forward", "nfe",
                                         "seconds")},
                    "speedup": r["tokens_per_s"] / base["tokens_per_s"] if base else None,
-                   "accuracy_change": r["accuracy"] - base["accuracy"] if base else None}
+                   "accuracy_change": r["accuracy"] - base["accuracy"] if base else None,
+                   "accuracy_change_stderr": paired_stderr(right, base["correct"]) if base else None,
+                   "correct": right}
             results.append(row)
             sp = f"{row['speedup']:.2f}x" if base else "-"
-            da = f"{100 * row['accuracy_change']:+.1f}" if base else "-"
+            da = f"{100 * row['accuracy_change']:+.1f} +- {100 * row['accuracy_change_stderr']:.1f}" if base else "-"
             print(f"{G:>5} {name:<16} {r['tokens_per_s']:>9.1f} {r['tokens_per_forward']:>7.2f} "
-                  f"{100 * r['accuracy']:>7.1f} +- {100 * r['stderr']:>4.1f} % {sp:>8} {da:>7} {r['seconds']:>8.1f}",
+                  f"{100 * r['accuracy']:>7.1f} +- {100 * r['stderr']:>4.1f} % {sp:>8} {da:>12} {r['seconds']:>8.1f}",
                   flush=True)
             if args.out:  # after every line: a long sweep stopped early keeps what it measured
                 out = Path(args.out)
                 out.mkdir(parents=True, exist_ok=True)
-                (out / "results.json").write_text(json.dumps({"record": record, "results": results}, indent=1))
+                (out / "results.json").write_text(json.dumps({"record": record, "results": earlier + results},
+                                                               indent=1))
     if args.out:
-        drawn = draw(results, Path(args.out) / "frontier.png")
+        drawn = draw(earlier + results, Path(args.out) / "frontier.png")
         print(f"wrote {Path(args.out) / 'results.json'}" + (f" and {Path(args.out) / 'frontier.png'}" if drawn else ""))
     return 0
 

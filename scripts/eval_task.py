@@ -2,7 +2,7 @@
 """Score a checkpoint on the arithmetic task's held-out questions: exact-match accuracy with its
 standard error, and the sampler's speed.
 
-    python scripts/eval_task.py --checkpoint outputs/task/sft/checkpoint
+    python scripts/eval_task.py --checkpoint outputs/task/sft_long/checkpoint
     python scripts/eval_task.py --checkpoint CKPT --kv-cache dual --factor 1.0 --gen-length 256 --out results/
 
 Each question (``heldout.jsonl`` from ``scripts/make_chat_data.py --task``, never seen in

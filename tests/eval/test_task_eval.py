@@ -4,6 +4,7 @@ same command twice gives the same numbers; the record changes with the weights."
 
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -122,7 +123,36 @@ def test_bench_sampler_table_json_and_frontier(checkpoint, task, tmp_path, capsy
     assert base["speedup"] == 1.0 and base["accuracy_change"] == 0.0
     assert base["nfe"] <= 16 and base["tokens_per_forward"] <= 1.0  # one token per forward at most
     assert rows[1]["speedup"] == pytest.approx(rows[1]["tokens_per_s"] / base["tokens_per_s"])
+    assert base["accuracy_change_stderr"] == 0.0 and len(base["correct"]) == 4  # per question, paired
+    d = [int(a) - int(b) for a, b in zip(rows[1]["correct"], base["correct"])]
+    assert rows[1]["accuracy_change"] == pytest.approx(sum(d) / 4)
     assert res["record"]["model_hash"] and (tmp_path / "bench" / "frontier.png").stat().st_size > 1000
+
+
+def test_the_paired_standard_error_of_an_accuracy_change():
+    paired = _script("bench_sampler").paired_stderr
+    assert paired("1111", "1111") == 0.0  # the same answers: no doubt about the change
+    assert paired("1100", "1010") == pytest.approx(math.sqrt(2 / 3 / 4))  # d = 0, +1, -1, 0
+    with pytest.raises(ValueError):
+        paired("11", "111")  # not the same questions
+
+
+def test_bench_sampler_appends_a_gen_length_measured_whole(checkpoint, task, tmp_path, capsys):
+    """--append adds a gen length (with its own settings) to results.json of the same model; a
+    gen length measured again replaces its rows; another model is refused in one line."""
+    bench = _script("bench_sampler")
+    q = _questions(tmp_path, task, 2)
+    common = ["--checkpoint", str(checkpoint), "--questions", str(q), "--block-length", "8", "--out",
+              str(tmp_path / "b")]
+    assert bench.main(common + ["--gen-lengths", "8", "16", "--settings", "none/fixed", "dual/threshold"]) == 0
+    assert bench.main(common + ["--gen-lengths", "16", "24", "--settings", "none/fixed", "--append"]) == 0
+    res = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert [(r["gen_length"], r["setting"]) for r in res["results"]] == [
+        (8, "none/fixed"), (8, "dual/threshold"), (16, "none/fixed"), (24, "none/fixed")]
+    assert len(res["record"]["earlier_runs"]) == 1
+    capsys.readouterr()
+    assert bench.main(["--checkpoint", str(checkpoint), "--questions", str(q), "--append"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
 
 
 def test_bench_sampler_refuses_an_unknown_setting(checkpoint, capsys):
@@ -133,9 +163,10 @@ def test_bench_sampler_refuses_an_unknown_setting(checkpoint, capsys):
 
 
 @pytest.mark.slow
-def test_the_recipe_runs_its_three_stages_each_from_the_last(task, tmp_path):
-    """scripts/train_task_model.py with 4 steps a stage: three runs, stage 2 and 3 started from the
-    previous checkpoint, a finished recipe reused; the result loads and scores."""
+def test_the_recipe_runs_its_four_stages_each_from_the_last(task, tmp_path):
+    """scripts/train_task_model.py with 4 steps a stage: four runs, each after the first started
+    from the previous checkpoint, the last on unpacked 1,152-token windows; a finished recipe
+    reused; the result loads and scores."""
     import subprocess
 
     out = tmp_path / "runs"
@@ -143,17 +174,19 @@ def test_the_recipe_runs_its_three_stages_each_from_the_last(task, tmp_path):
            "--training.steps=4", "--checkpoint.interval=4", "--eval.interval=0", "--metrics.log_freq=2"]
     got = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert got.returncode == 0, got.stdout[-3000:] + got.stderr[-3000:]
-    for stage in ("ar", "a2d", "sft"):
+    for stage in ("ar", "a2d", "sft", "sft_long"):
         assert (out / stage / "checkpoint" / "step-00000004").is_dir()
-    assert "[task] 3/3 task_sft.toml: done" in got.stdout
+    assert "[task] 4/4 task_sft_long.toml: done" in got.stdout
+    assert f"4 steps from {out / 'sft' / 'checkpoint'} -> {out / 'sft_long'}" in got.stdout
+    assert "(micro-batch 4 x 1152," in got.stdout + got.stderr  # one conversation per long window
     assert f"4 steps from {out / 'a2d' / 'checkpoint'} -> {out / 'sft'}" in got.stdout
     assert f"4 steps from {out / 'ar' / 'checkpoint'} -> {out / 'a2d'}" in got.stdout
     again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0 and again.stdout.count("is finished, reused") == 3
+    assert again.returncode == 0 and again.stdout.count("is finished, reused") == 4
     bad = subprocess.run(cmd[:6] + ["--training.stepz=4"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "stepz" in bad.stderr
     ev = _script("eval_task")
-    assert ev.main(["--checkpoint", str(out / "sft" / "checkpoint"), "--questions", str(task / "heldout.jsonl"),
+    assert ev.main(["--checkpoint", str(out / "sft_long" / "checkpoint"), "--questions", str(task / "heldout.jsonl"),
                     "--limit", "4", "--gen-length", "8", "--block-length", "8"]) == 0
 
 
