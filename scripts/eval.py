@@ -45,8 +45,8 @@ def main(argv=None) -> int:
     ap.add_argument("--kv-cache", default="auto", choices=["auto", "none", "prefix", "dual"],
                     help="sampler cache (default auto: dual, block models their exact cache; docs/sampling.md)")
     rule = ap.add_mutually_exclusive_group()
-    rule.add_argument("--threshold", type=float, help="parallel decoding: confidence threshold (default 0.9)")
-    rule.add_argument("--factor", type=float, help="parallel decoding: Fast-dLLM's factor rule")
+    rule.add_argument("--threshold", type=float, help="parallel decoding: confidence threshold")
+    rule.add_argument("--factor", type=float, help="parallel decoding: Fast-dLLM's factor rule (the default, f = 1)")
     rule.add_argument("--no-parallel", action="store_true", help="a fixed number of tokens per forward")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="eval_results")
@@ -57,7 +57,6 @@ def main(argv=None) -> int:
         from lm_eval.tasks import TaskManager
 
         from rnd1.eval.harness import RND1HarnessLM
-        from rnd1.generate import FAST_DEFAULTS
     except ImportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -70,8 +69,8 @@ def main(argv=None) -> int:
         return 2
     lm = RND1HarnessLM(checkpoint=args.checkpoint, tokenizer=args.tokenizer, model=args.model,
                        objective=args.objective, mc_samples=args.mc_samples, gen_steps=args.gen_steps,
-                       kv_cache=args.kv_cache, factor=args.factor, seed=args.seed,
-                       threshold=None if args.no_parallel else (args.threshold or FAST_DEFAULTS["threshold"]))
+                       kv_cache=args.kv_cache, factor=args.factor, seed=args.seed, threshold=args.threshold,
+                       parallel=not args.no_parallel)
     tm = TaskManager(include_path=args.include_path) if args.include_path else TaskManager()
     scores, raw = {}, {}
     for task, shots in tasks:

@@ -18,8 +18,8 @@ Fast-dLLM's approximate caches (refreshed at every block start and every --cache
 --threshold / --factor the parallel decoding rules (several tokens per forward; --steps then
 bounds the forwards). The defaults are the fastest setting that kept accuracy within 2 points
 of one token per forward without a cache on the task model (rnd1.generate.FAST_DEFAULTS: dual
-cache, threshold 0.9, blocks of 32; docs/sampling.md); --kv-cache none --no-parallel
---steps N is today's exact sampler.
+cache, the factor rule with f = 1, blocks of 32; docs/sampling.md); --kv-cache none
+--no-parallel --steps N is today's exact sampler.
 
 Loads a DCP checkpoint (step folder or checkpoint root; --model names the preset or a HF
 config) or a Hugging Face folder. Prints the samples, the number of forward passes (NFE) and
@@ -36,7 +36,8 @@ from rnd1.checkpoint.load import load_for_inference, objective_for
 from rnd1.data.chat import encode_chat_prompt
 from rnd1.data.tokenizer import load_tokenizer
 from rnd1.diffusion.objective import OBJECTIVES
-from rnd1.generate import CACHE_MODES, FAST_DEFAULTS, STRATEGIES, ar_generate, diffusion_generate, fast_kv_cache
+from rnd1.generate import (CACHE_MODES, FAST_DEFAULTS, STRATEGIES, ar_generate, diffusion_generate, fast_kv_cache,
+                           parallel_rule)
 
 
 def main(argv=None) -> int:
@@ -60,13 +61,13 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=0, help="forwards per block at most (default: gen length)")
     ap.add_argument("--block-length", type=int, default=0,
                     help=f"semi-AR block (default {FAST_DEFAULTS['block_length']}; block models: their block size)")
-    ap.add_argument("--no-parallel", action="store_true",
-                    help="commit a fixed number per step (gen length / steps) instead of the default threshold")
     ap.add_argument("--strategy", choices=STRATEGIES, default="confidence")
     rule = ap.add_mutually_exclusive_group()
-    rule.add_argument("--threshold", type=float,
-                      help=f"parallel decoding: commit every position above it (default {FAST_DEFAULTS['threshold']})")
-    rule.add_argument("--factor", type=float, help="parallel decoding: Fast-dLLM's factor rule")
+    rule.add_argument("--no-parallel", action="store_true",
+                      help="commit a fixed number per step (gen length / steps) instead of the default factor rule")
+    rule.add_argument("--threshold", type=float, help="parallel decoding: commit every position above it")
+    rule.add_argument("--factor", type=float,
+                      help=f"parallel decoding: Fast-dLLM's factor rule (the default, f = {FAST_DEFAULTS['factor']})")
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--top-k", type=int, default=0)
     ap.add_argument("--top-p", type=float, default=1.0)
@@ -113,15 +114,13 @@ def _generate(model, prompts, objective, args, tok, stop):
     if not objective.masks:
         return ar_generate(model, prompts, max_new_tokens=args.gen_length, eos_id=stop, vocab_limit=tok.vocab_size)
     block_model = getattr(objective, "block_size", None) is not None
-    threshold = args.threshold
-    if threshold is None and args.factor is None and not args.no_parallel:
-        threshold = FAST_DEFAULTS["threshold"]
+    threshold, factor = parallel_rule(args.threshold, args.factor, parallel=not args.no_parallel)
     kv_cache = "none" if args.no_kv_cache else (args.kv_cache or fast_kv_cache(objective))
     block_length = args.block_length or (None if block_model else min(FAST_DEFAULTS["block_length"], args.gen_length))
     return diffusion_generate(
         model, prompts, gen_length=args.gen_length, steps=args.steps or args.gen_length,
         mask_id=model.config.mask_token_id, objective=objective, block_length=block_length, strategy=args.strategy,
-        threshold=threshold, factor=args.factor, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        threshold=threshold, factor=factor, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         eos_id=stop, generator=torch.Generator().manual_seed(args.seed), vocab_limit=tok.vocab_size,
         kv_cache=kv_cache, cache_refresh=args.cache_refresh)
 

@@ -12,10 +12,11 @@ Scoring: ``loglikelihood`` uses the Monte Carlo ELBO for diffusion models (``mc_
 per request, low-discrepancy t, only continuation tokens masked) and the exact sum for AR
 checkpoints; ``generate_until`` uses the diffusion sampler (batched, ragged prompts) and cuts at
 the stop strings, with the sampler settings given as model args (``kv_cache``, ``cache_refresh``,
-``threshold``, ``factor``, ``block_length``, ``gen_steps``, ``strategy``). The defaults are
-``rnd1.generate.FAST_DEFAULTS`` (dual cache, threshold 0.9, blocks of 32: the fastest setting
-that kept accuracy within 2 points of uncached one-token-per-forward sampling on the task model,
-docs/sampling.md); ``kv_cache=none,threshold=None`` is the exact sampler.
+``threshold``, ``factor``, ``parallel``, ``block_length``, ``gen_steps``, ``strategy``). The defaults
+are ``rnd1.generate.FAST_DEFAULTS`` (dual cache, the factor rule with f = 1, blocks of 32: the
+fastest setting that kept accuracy within 2 points of uncached one-token-per-forward sampling on
+the task model, docs/sampling.md); ``threshold=0.9`` switches to the threshold rule and
+``kv_cache=none,parallel=False`` is the exact sampler.
 
 Every result carries the record of what produced it (``rnd1.eval.record``): lm_eval puts
 ``get_model_info()`` into its results' ``config``, so the CLI's output JSON holds the sampler
@@ -38,7 +39,7 @@ from rnd1.data.tokenizer import load_tokenizer
 from rnd1.checkpoint.load import load_for_inference, recorded_objective
 from rnd1.diffusion.objective import get_objective
 from rnd1.eval.likelihood import ar_loglikelihood, elbo_loglikelihood
-from rnd1.generate import FAST_DEFAULTS, ar_generate, diffusion_generate, fast_kv_cache
+from rnd1.generate import ar_generate, diffusion_generate, fast_kv_cache, parallel_rule
 
 
 @register_model("rnd1")
@@ -46,8 +47,8 @@ class RND1HarnessLM(LM):
     def __init__(self, checkpoint: str = "", tokenizer: str = "byte", model: str = "", objective: str = "",
                  mc_samples: int = 32, gen_length: int = 128, gen_steps: int = 64, block_length: int = 32,
                  strategy: str = "confidence", batch_size: int | str = 8, seed: int = 0, lm=None,
-                 kv_cache: str = "auto", cache_refresh: int = 0,
-                 threshold: float | None = FAST_DEFAULTS["threshold"], factor: float | None = None, **_):
+                 kv_cache: str = "auto", cache_refresh: int = 0, threshold: float | None = None,
+                 factor: float | None = None, parallel: bool | str = True, **_):
         super().__init__()
         self.tok = load_tokenizer(tokenizer)
         if lm is None:
@@ -65,9 +66,11 @@ class RND1HarnessLM(LM):
         self.seed, self.checkpoint = int(seed), checkpoint
         self.kv_cache = fast_kv_cache(self.objective) if kv_cache == "auto" else str(kv_cache)
         self.cache_refresh = int(cache_refresh)
-        self.factor = None if factor in (None, "", "None") else float(factor)
-        # the default threshold gives way to a factor; threshold=None asks for the fixed schedule
-        self.threshold = None if threshold in (None, "", "None") or self.factor is not None else float(threshold)
+        # model args arrive as strings: "None" / "" is no value, "False" / "0" / "no" turns parallel off
+        self.threshold, self.factor = parallel_rule(
+            None if threshold in (None, "", "None") else float(threshold),
+            None if factor in (None, "", "None") else float(factor),
+            parallel=str(parallel).strip().lower() not in ("false", "0", "no"))
 
     def sampler_settings(self) -> dict:
         return {"gen_length": self.gen_length, "gen_steps": self.gen_steps, "block_length": self.block_length,

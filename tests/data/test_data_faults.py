@@ -51,6 +51,19 @@ def test_meta_json_shard_entry_without_tokens_is_one_line(tmp_path, byte_dataset
         TokenDataset(d).split("train")
 
 
+def _refusal(cfg) -> str:
+    """The StartupError a Trainer on one CPU process raises for ``cfg``."""
+    from rnd1.train import Trainer
+
+    with pytest.raises(StartupError) as ei:
+        Trainer(cfg, _env())
+    return str(ei.value)
+
+
+def _env():
+    return DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), backend=None)
+
+
 def test_no_val_split_with_eval_interval_is_refused_at_startup(tmp_path):
     from rnd1.train import Trainer
 
@@ -60,29 +73,21 @@ def test_no_val_split_with_eval_interval_is_refused_at_startup(tmp_path):
     args = [f"--job.dump_folder={run}", f"--data.datasets={data}", "--data.prepare=", "--training.steps=4",
             "--training.local_batch_size=2", "--training.seq_len=64", "--job.print_config=false",
             "--checkpoint.interval=2", "--eval.interval=2", "--metrics.peak_flops=1e12"]
-    cfg = load_config(CONFIG, args)
-    env = DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), backend=None)
-    with pytest.raises(StartupError) as ei:
-        Trainer(cfg, env)
-    assert str(ei.value) == (f"{data / 'meta.json'}: no 'val' split (has train) but eval.interval=2; rebuild "
-                             f"with data.val_fraction > 0 or set eval.interval=0")
+    assert _refusal(load_config(CONFIG, args)) == (
+        f"{data / 'meta.json'}: no 'val' split (has train) but eval.interval=2; rebuild "
+        f"with data.val_fraction > 0 or set eval.interval=0")
     assert not (run / "checkpoint").exists()
     cfg = load_config(CONFIG, args[:-2] + ["--eval.interval=0", "--metrics.peak_flops=1e12"])
-    Trainer(cfg, env)  # the same data is fine without validation
+    Trainer(cfg, _env())  # the same data is fine without validation
 
 
 def test_unpacked_windows_on_plain_text_are_refused_at_startup(tmp_path, byte_dataset):
     """data.pack_conversations=false means one conversation per window: on a text dataset there
     are no conversations, and the key would be accepted and ignored."""
-    from rnd1.train import Trainer
-
     run = tmp_path / "run"
     cfg = load_config(CONFIG, [f"--job.dump_folder={run}", f"--data.datasets={byte_dataset}", "--data.prepare=",
                                "--data.pack_conversations=false", "--training.steps=2", "--job.print_config=false",
                                "--metrics.peak_flops=1e12"])
-    env = DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), backend=None)
-    with pytest.raises(StartupError) as ei:
-        Trainer(cfg, env)
-    assert str(ei.value) == (f"data.pack_conversations=false needs a chat dataset (one conversation per window); "
+    assert _refusal(cfg) == (f"data.pack_conversations=false needs a chat dataset (one conversation per window); "
                              f"{byte_dataset} hold(s) plain text: drop the key")
     assert not (run / "checkpoint").exists()
