@@ -22,7 +22,10 @@ from typing import Callable
 import torch
 
 
-def measure_matmul_peak(dtype: torch.dtype = torch.float32, n: int = 2048, reps: int = 7,
+PEAK_REPS = 7
+
+
+def measure_matmul_peak(dtype: torch.dtype = torch.float32, n: int = 2048, reps: int = PEAK_REPS,
                         device: str | torch.device = "cpu", budget_s: float = 2.0) -> float:
     """FLOP/s of a square matmul of ``dtype``: the MEDIAN of ``reps`` timed runs after two
     warm-ups (MFU divides by it; ``MATMUL_PEAK_HOW`` says so in the start-up line).
@@ -59,7 +62,7 @@ def measure_matmul_peak(dtype: torch.dtype = torch.float32, n: int = 2048, reps:
     return 2 * size**3 / statistics.median(runs)
 
 
-MATMUL_PEAK_HOW = "measured at start-up: the median of 7 square matmuls after a warm-up"
+MATMUL_PEAK_HOW = f"measured at start-up: the median of {PEAK_REPS} square matmuls after two warm-ups"
 
 
 def peak_memory_bytes(device: torch.device) -> int:

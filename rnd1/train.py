@@ -96,9 +96,9 @@ class Trainer:
         # Every start-up check has passed, the resume checks included (they read the folder as the
         # last run left it): only now is the run folder written, so a failed start leaves nothing,
         # and only now is the config printed, so a refusal is the one line a failed start prints.
-        if env.is_rank0 and cfg.job.print_config:
-            print(cfg.to_toml(), flush=True)
         if env.is_rank0:
+            if cfg.job.print_config:
+                print(cfg.to_toml(), flush=True)
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.toml").write_text(cfg.to_toml())
         self.metrics = MetricsLogger(self.run_dir, enabled=env.is_rank0, tensorboard=cfg.metrics.enable_tensorboard,

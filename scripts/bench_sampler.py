@@ -158,16 +158,16 @@ def main(argv=None) -> int:
             evaluate(model, tok, rows[:args.batch_size], s, batch_size=args.batch_size, seed=args.seed)  # warm-up
             r = evaluate(model, tok, rows, s, batch_size=args.batch_size, seed=args.seed)
             name = f"{cache}/{rule}"
+            r["correct"] = "".join("1" if x["correct"] else "0" for x in r["replies"])  # per question, in order
             if name == BASELINE:
-                base = {**r, "correct": "".join("1" if x["correct"] else "0" for x in r["replies"])}
-            right = "".join("1" if x["correct"] else "0" for x in r["replies"])  # per question, in order
+                base = r
             row = {"gen_length": G, "setting": name, "sampler": s,
                    **{k: r[k] for k in ("n", "accuracy", "stderr", "tokens_per_s", "tokens_per_forward", "nfe",
                                         "seconds")},
                    "speedup": r["tokens_per_s"] / base["tokens_per_s"] if base else None,
                    "accuracy_change": r["accuracy"] - base["accuracy"] if base else None,
-                   "accuracy_change_stderr": paired_stderr(right, base["correct"]) if base else None,
-                   "correct": right}
+                   "accuracy_change_stderr": paired_stderr(r["correct"], base["correct"]) if base else None,
+                   "correct": r["correct"]}
             results.append(row)
             sp = f"{row['speedup']:.2f}x" if base else "-"
             da = f"{100 * row['accuracy_change']:+.1f} +- {100 * row['accuracy_change_stderr']:.1f}" if base else "-"
