@@ -9,7 +9,9 @@ the ``debug`` MoE (1.9M parameters) on byte-level tokens of the Python standard 
    from step 0 (Simple Continual Pretraining).
 3. **The baseline.** The same config and budget from random weights (the paper's random-init
    baseline), so the value of starting from an AR model is visible.
-4. **Samples** from the converted model (diffusion decoding), next to the AR base's greedy text.
+4. **Samples**: every model finishes the same 128 held-out words of code (``self.ass`` ->
+   ``ertEqual``; ``rnd1.eval.word_completion`` says why words and not whole lines); the demo
+   prints a few, evenly spaced, and how many each model got right.
 5. **The bound.** Held-out NELBO per token and exp(NELBO) >= perplexity of both conversions on
    the same validation windows, grid and seeds (``rnd1.eval.perplexity``), beside the AR base's
    exact NLL on the same positions.
@@ -28,7 +30,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "train_configs"
-PROMPTS = ("def __init__(self", "import os\nimport sys\n", "    for i in range(")
+WORD_CONTEXT = 128  # characters (bytes) of held-out code before each word's cut
+WORD_TOKENS = 12  # tokens generated per word: the rest of most identifiers fits
+SHOWN = 8  # word completions printed, evenly spaced over the scored ones
 
 
 def _finished(run: Path, steps: int) -> bool:
@@ -52,9 +56,10 @@ def _train(config: str, run: Path, data: Path, steps: int, *extra: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="outputs", help="folder for the runs and the data (default: outputs)")
-    ap.add_argument("--ar-steps", type=int, default=400, help="AR pretraining steps (4,096 tokens each)")
-    ap.add_argument("--steps", type=int, default=300, help="conversion steps, SCP and random init alike")
+    ap.add_argument("--ar-steps", type=int, default=450, help="AR pretraining steps (4,096 tokens each)")
+    ap.add_argument("--steps", type=int, default=100, help="conversion steps, SCP and random init alike")
     ap.add_argument("--eval-sequences", type=int, default=64, help="validation windows of 256 tokens for the bound")
+    ap.add_argument("--words", type=int, default=128, help="held-out words each model finishes")
     args = ap.parse_args(argv)
     out = Path(args.out)
     data = out / "data" / "stdlib_byte"
@@ -73,33 +78,46 @@ def main(argv: list[str] | None = None) -> int:
     if not _finished(rnd, args.steps):
         _train("debug_model.toml", rnd, data, args.steps)
 
-    import torch
+    import numpy as np
 
     from rnd1.checkpoint.load import load_for_inference
     from rnd1.data.shards import TokenDataset
     from rnd1.data.tokenizer import load_tokenizer
     from rnd1.diffusion.objective import get_objective
     from rnd1.eval.perplexity import heldout_nelbo
+    from rnd1.eval.word_completion import completed_word, held_out_words, score
     from rnd1.generate import ar_generate, diffusion_generate
 
     tok = load_tokenizer("byte")
     models = {"scp": load_for_inference(scp / "checkpoint", objective="a2d").eval(),
               "random": load_for_inference(rnd / "checkpoint", objective="a2d").eval(),
               "ar": load_for_inference(ar / "checkpoint", objective="ar").eval()}
-    print("[demo] 4/5 samples (64 tokens; diffusion: 32 steps in blocks of 16, confidence order, T = 0.7)",
-          flush=True)
-    prompts = [tok.encode(p) for p in PROMPTS]
-    diff = diffusion_generate(models["scp"], prompts, gen_length=64, steps=32, block_length=16, mask_id=tok.mask_id,
-                              objective="a2d", temperature=0.7, top_p=0.9, eos_id=tok.eos_id,
-                              generator=torch.Generator().manual_seed(0), vocab_limit=tok.vocab_size)
-    base = ar_generate(models["ar"], prompts, max_new_tokens=64, eos_id=tok.eos_id, vocab_limit=tok.vocab_size)
-    for p, d, a in zip(PROMPTS, diff.tokens, base.tokens):
-        print("-" * 72 + f"\n[A2D, converted]\n{p}{tok.decode(d)}\n[AR base, greedy]\n{p}{tok.decode(a)}")
-    print("-" * 72)
+    split = TokenDataset(data).split("val")
+    documents = tok.decode(split.slice(0, len(split)).tolist()).split(tok.decode([tok.eos_id]))
+    items = held_out_words(documents, args.words, context=WORD_CONTEXT)
+    print(f"[demo] 4/5 finish the word: {len(items)} held-out identifiers, each cut 3 letters in (greedy; "
+          f"diffusion: {WORD_TOKENS} masked positions, blocks of 4, one per forward)", flush=True)
+    prompts = [tok.encode(it.prompt)[-WORD_CONTEXT:] for it in items]  # one length: no padding
+    decode = {}
+    for key in ("scp", "random"):
+        out_ = diffusion_generate(models[key], prompts, gen_length=WORD_TOKENS, steps=WORD_TOKENS, block_length=4, mask_id=tok.mask_id,
+                                  objective="a2d", eos_id=tok.eos_id, vocab_limit=tok.vocab_size)
+        decode[key] = [completed_word(tok.decode(t)) for t in out_.tokens]
+    out_ = ar_generate(models["ar"], prompts, max_new_tokens=WORD_TOKENS, eos_id=tok.eos_id, vocab_limit=tok.vocab_size)
+    decode["ar"] = [completed_word(tok.decode(t)) for t in out_.tokens]
+    columns = (("held-out text", 34), ("truth", 14), ("A2D from AR", 14), ("A2D random", 14), ("AR base", 14))
+    print("  ".join(f"{name:<{width}}" for name, width in columns))
+    for i in np.linspace(0, len(items) - 1, min(SHOWN, len(items))).round().astype(int):
+        shown = "..." + items[i].prompt.split("\n")[-1].strip()[-31:]
+        cells = (shown, items[i].reference, *(decode[key][i] or "-" for key in ("scp", "random", "ar")))
+        print("  ".join(f"{c[:w]:<{w}}" for c, (_, w) in zip(cells, columns)))
+    scores = {key: score(decode[key], items) for key in ("scp", "random", "ar")}
+    print("words finished exactly: " + ", ".join(
+        f"{label} {s.right}/{s.total} ({100 * s.accuracy:.1f}% +- {100 * s.stderr:.1f})"
+        for label, s in zip(("A2D from the AR base", "A2D from random init", "AR base"), scores.values())))
 
     print(f"[demo] 5/5 held-out bound: {args.eval_sequences} validation windows of 256 tokens, t grid of 8 "
           f"midpoints, seed 0", flush=True)
-    split = TokenDataset(data).split("val")
     rows = [("A2D from the AR base (SCP)", "scp", "a2d"), ("A2D from random init", "random", "a2d"),
             ("AR base (exact NLL)", "ar", "ar")]
     print(f"{'model':<30} {'NELBO/token':>12} {'+- s.e.':>8} {'PPL (bound)':>12}")

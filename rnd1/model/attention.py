@@ -31,7 +31,12 @@ line says why:
 - on the CPU with gradients: torch's FlexAttention has no CPU backward (torch 2.13 refuses it),
   so training on the CPU uses SDPA; ``flex`` refuses to train there;
 - on the CPU below ``CPU_MEASURE_MIN`` mask entries: the dense mask is at most a few MiB and
-  compiling a FlexAttention kernel for a new shape costs seconds, more than it can save.
+  compiling a FlexAttention kernel for a new shape costs seconds, more than it can save;
+- after ``MEASURED_SHAPES_MAX`` shapes of one kind were measured, a new shape of that kind gets
+  SDPA. A training run has one or two shapes; a loop whose every forward has a new shape (AR
+  decoding of a ragged batch grows the keys by one per step) would otherwise pay a measurement
+  and a FlexAttention compile per step, then hit Dynamo's recompile limit, whose eager fallback
+  materialises every score and warns on every run.
 
 Precision: FlexAttention needs q, k and v in one dtype. Under autocast SDPA casts them to the
 autocast dtype; the flex path does the same (RMSNorm's fp32 weight leaves q and k in fp32).
@@ -51,6 +56,7 @@ from rnd1.model.attention_masks import Explicit, Pattern
 ATTENTION_BACKENDS = ("auto", "sdpa", "flex")
 CPU_MEASURE_MIN = 1 << 20  # mask entries (B x Lq x Lk) below which CPU `auto` keeps SDPA unmeasured
 COMPILE_MASK_MIN = 1 << 22  # entries above which the BlockMask builder is compiled (eager is O(L^2) memory)
+MEASURED_SHAPES_MAX = 4  # shapes of one kind `auto` measures; later new shapes of it take SDPA
 _CACHE_SIZE = 8
 
 log = logging.getLogger("rnd1.attention")
@@ -59,6 +65,7 @@ _compiled: dict[str, object] = {}
 _CACHE: "OrderedDict[tuple, BlockMask]" = OrderedDict()
 _choices: dict[str, str] = {}
 _lines: list[str] = []
+_measured: dict[tuple, int] = {}  # (kind, device type, needs_grad) -> shapes measured
 
 
 def check_backend(name: str) -> str | None:
@@ -133,6 +140,7 @@ def choice_lines() -> list[str]:
 def reset_choices() -> None:
     _choices.clear()
     _lines.clear()
+    _measured.clear()
 
 
 def choice_key(pattern: Pattern, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device,
@@ -195,6 +203,11 @@ def choose(pattern: Pattern, heads: int, kv_heads: int, head_dim: int, dtype: to
     if torch.device(device).type == "cpu" and (B or 1) * Lq * Lk < CPU_MEASURE_MIN:
         return _record(key, "sdpa", f"CPU mask of {(B or 1) * Lq * Lk} entries < {CPU_MEASURE_MIN}: "
                                     f"a flex compile would cost more than it saves")
+    family = (pattern.kind, torch.device(device).type, needs_grad)
+    if _measured.get(family, 0) >= MEASURED_SHAPES_MAX:
+        return _record(key, "sdpa", f"{MEASURED_SHAPES_MAX} shapes of this kind measured already: a new shape "
+                                    f"per forward (a decoding loop) cannot repay a measurement and a compile")
+    _measured[family] = _measured.get(family, 0) + 1
     impl, ms = measure_choice(pattern, heads, kv_heads, head_dim, dtype, device, needs_grad)
     return _record(key, impl, "measured: " + ", ".join(f"{k} {v:.3g} ms" for k, v in ms.items()))
 

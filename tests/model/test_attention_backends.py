@@ -242,3 +242,18 @@ def test_flex_with_the_kv_cache(model):
         outs[backend] = model(ids[:, 16:], kv_cache=cache,
                               attn_mask=Explicit(torch.ones(1, 1, 8, 24, dtype=torch.bool)))
     assert (outs["flex"] - outs["sdpa"]).abs().max() < 1e-5
+
+
+def test_auto_stops_measuring_a_kind_after_a_few_shapes(monkeypatch):
+    """A decoding loop has a new shape per forward: past MEASURED_SHAPES_MAX measured shapes of
+    a kind, `auto` takes SDPA unmeasured (no compile per step, no Dynamo recompile-limit fallback)."""
+    attention.reset_choices()
+    monkeypatch.setattr(attention, "CPU_MEASURE_MIN", 0)
+    monkeypatch.setattr(attention, "MEASURED_SHAPES_MAX", 2)
+    measured = []
+    monkeypatch.setattr(attention, "measure_choice", lambda p, *a: (measured.append(p.shape), ("flex", {"flex": 1.0}))[1])
+    picks = [attention.choose(TwoStream(L, 8), 4, 2, 16, torch.float32, "cpu", False) for L in (16, 24, 32, 40)]
+    assert picks == ["flex", "flex", "sdpa", "sdpa"] and len(measured) == 2
+    assert "2 shapes of this kind measured already" in attention.choice_lines()[-1]
+    assert attention.choose(TwoStream(16, 8), 4, 2, 16, torch.float32, "cpu", False) == "flex"  # a known shape
+    attention.reset_choices()
