@@ -34,6 +34,12 @@ its own, EOS-padded to ``seq_len`` (LLaDA's SFT layout). Packing wastes no compu
 then only ever sees a response followed by a few EOS: asked to fill a long masked region (a gen
 length far past the responses it was tuned on) it has never seen one, and answers EOS at once.
 One conversation per window shows it the long EOS tail, at every position up to ``seq_len``.
+``eos_tail_max`` (default 0) is the middle way: every conversation is followed by k more EOS of
+its own (supervised like its trailing EOS, in its own document), k drawn per conversation from a
+log-uniform over 0..``eos_tail_max`` (seeded by the conversation's index, so the windows never
+change), and conversations with their tails are packed as above. Most tails are short (median
+about sqrt(eos_tail_max)), so a window still holds several conversations, while some run long
+enough to show the model a long masked region that it should fill with EOS after the answer.
 These windows go through the same seeded per-epoch order and global stream as any other.
 """
 
@@ -76,7 +82,8 @@ class ConversationWindows:
     """Whole conversations packed greedily in file order (``pack``) or one per window, EOS-padded
     (see the module docstring)."""
 
-    def __init__(self, split: TokenSplit, seq_len: int, eos_id: int, supervise_eos: bool, pack: bool = True):
+    def __init__(self, split: TokenSplit, seq_len: int, eos_id: int, supervise_eos: bool, pack: bool = True,
+                 eos_tail_max: int = 0):
         self.split, self.seq_len, self.eos_id, self.supervise_eos = split, seq_len, eos_id, supervise_eos
         starts = split.doc_starts().astype(np.int64)
         if not len(starts) or starts[0] != 0:
@@ -85,8 +92,13 @@ class ConversationWindows:
         self.ends = np.append(starts[1:], len(split))
         lengths = self.ends - starts
         self.truncated = int((lengths > seq_len).sum())
+        kept = np.minimum(lengths, seq_len)
+        # extra EOS after each conversation: log-uniform over 0..eos_tail_max, fixed per conversation
+        u = np.random.default_rng([len(starts), eos_tail_max]).random(len(starts))
+        tails = np.floor(np.exp(u * np.log(eos_tail_max + 1))).astype(np.int64) - 1 if eos_tail_max else np.zeros_like(kept)
+        self.tails = np.minimum(tails, seq_len - kept)
         first, used = [], seq_len + 1
-        for i, n in enumerate(np.minimum(lengths, seq_len).tolist()):
+        for i, n in enumerate((kept + self.tails).tolist()):
             if not pack or used + n > seq_len:
                 first.append(i)
                 used = 0
@@ -98,10 +110,17 @@ class ConversationWindows:
     def get(self, w: int) -> Window:
         lo = int(self.starts[self.first[w]])
         hi = min(int(self.ends[self.last[w] - 1]), lo + self.seq_len)
-        pad = self.seq_len - (hi - lo)
-        tokens = np.concatenate([self.split.slice(lo, hi - lo), np.full(pad, self.eos_id, dtype=np.uint32)])
-        flags = np.concatenate([self.split.slice_flags(lo, hi - lo),
-                                np.full(pad, FLAG_TRAILING_EOS, dtype=np.uint8)])
+        token_parts, flag_parts = [self.split.slice(lo, hi - lo)], [self.split.slice_flags(lo, hi - lo)]
+        if self.tails.any():  # each conversation, then its own EOS tail
+            token_parts, flag_parts = [], []
+            for d in range(int(self.first[w]), int(self.last[w])):
+                a = int(self.starts[d])
+                b = min(int(self.ends[d]), a + self.seq_len)
+                token_parts += [self.split.slice(a, b - a), np.full(self.tails[d], self.eos_id, dtype=np.uint32)]
+                flag_parts += [self.split.slice_flags(a, b - a), np.full(self.tails[d], FLAG_TRAILING_EOS, dtype=np.uint8)]
+        pad = self.seq_len - sum(len(t) for t in token_parts)
+        tokens = np.concatenate([*token_parts, np.full(pad, self.eos_id, dtype=np.uint32)])
+        flags = np.concatenate([*flag_parts, np.full(pad, FLAG_TRAILING_EOS, dtype=np.uint8)])
         loss = (flags & FLAG_LOSS) != 0
         if self.supervise_eos:
             loss |= (flags & FLAG_TRAILING_EOS) != 0
@@ -111,9 +130,10 @@ class ConversationWindows:
 
 class _Source:
     def __init__(self, split: TokenSplit, seq_len: int, seed: int, index: int, world: int, *,
-                 eos_id: int = 0, supervise_eos: bool = True, pack_conversations: bool = True):
+                 eos_id: int = 0, supervise_eos: bool = True, pack_conversations: bool = True,
+                 eos_tail_max: int = 0):
         self.split, self.seq_len = split, seq_len
-        self.windows = (ConversationWindows(split, seq_len, eos_id, supervise_eos, pack_conversations)
+        self.windows = (ConversationWindows(split, seq_len, eos_id, supervise_eos, pack_conversations, eos_tail_max)
                         if getattr(split, "has_flags", False) else TextWindows(split, seq_len))
         self.num_windows = self.windows.num_windows
         if self.num_windows < world:
@@ -133,13 +153,13 @@ class _Source:
 
 class PackedLoader:
     """Iterator of ``{"input_ids": LongTensor[B, L], "doc_ids": IntTensor[B, L], "sample_ids": LongTensor[B],
-    "loss_mask": BoolTensor[B, L]}``. ``supervise_eos`` and ``pack_conversations`` only matter for chat
+    "loss_mask": BoolTensor[B, L]}``. ``supervise_eos``, ``pack_conversations`` and ``eos_tail_max`` only matter for chat
     splits (module docstring);
     ``truncated`` counts the conversations longer than ``seq_len`` (cut to fit) over all sources."""
 
     def __init__(self, splits: list[TokenSplit], *, seq_len: int, batch_size: int, eos_id: int,
                  weights: list[float] | None = None, seed: int = 0, dp_rank: int = 0, dp_world_size: int = 1,
-                 supervise_eos: bool = True, pack_conversations: bool = True):
+                 supervise_eos: bool = True, pack_conversations: bool = True, eos_tail_max: int = 0):
         if not splits:
             raise DataError("no datasets given")
         weights = list(weights) if weights else [1.0] * len(splits)
@@ -148,7 +168,8 @@ class PackedLoader:
                             f"positive sum")
         self.probs = np.asarray(weights, dtype=np.float64) / sum(weights)
         self.sources = [_Source(s, seq_len, seed, i, dp_world_size, eos_id=eos_id, supervise_eos=supervise_eos,
-                                pack_conversations=pack_conversations) for i, s in enumerate(splits)]
+                                pack_conversations=pack_conversations, eos_tail_max=eos_tail_max)
+                        for i, s in enumerate(splits)]
         self.supervise_eos = supervise_eos
         self.truncated = sum(s.windows.truncated for s in self.sources)
         self.seq_len, self.batch_size, self.eos_id = seq_len, batch_size, eos_id

@@ -126,11 +126,17 @@ def build_loader(cfg, datasets: list, split: str, batch: "BatchPlan", dims: Para
         if not cfg.data.pack_conversations and not any(getattr(s, "has_flags", False) for s in splits):
             raise StartupError(f"data.pack_conversations=false needs a chat dataset (one conversation per window); "
                                f"{', '.join(cfg.data.datasets)} hold(s) plain text: drop the key")
+        if cfg.data.eos_tail_max and not any(getattr(s, "has_flags", False) for s in splits):
+            raise StartupError(f"data.eos_tail_max={cfg.data.eos_tail_max} needs a chat dataset (EOS tails follow "
+                               f"conversations); {', '.join(cfg.data.datasets)} hold(s) plain text: drop the key")
+        if cfg.data.eos_tail_max and not cfg.data.pack_conversations:
+            raise StartupError(f"data.eos_tail_max={cfg.data.eos_tail_max} with data.pack_conversations=false: a "
+                               f"window of one conversation already ends in EOS padding; set one of them")
         return PackedLoader(splits, seq_len=cfg.training.seq_len, batch_size=cfg.training.local_batch_size,
                             eos_id=datasets[0].eos_id, weights=cfg.data.weights or None,
                             seed=cfg.training.seed if seed is None else seed, dp_rank=dims.dp_rank,
                             dp_world_size=dims.dp_size, supervise_eos=cfg.data.supervise_eos,
-                            pack_conversations=cfg.data.pack_conversations)
+                            pack_conversations=cfg.data.pack_conversations, eos_tail_max=cfg.data.eos_tail_max)
     except DataError as e:
         raise StartupError(str(e)) from e
 

@@ -91,3 +91,14 @@ def test_unpacked_windows_on_plain_text_are_refused_at_startup(tmp_path, byte_da
     assert _refusal(cfg) == (f"data.pack_conversations=false needs a chat dataset (one conversation per window); "
                              f"{byte_dataset} hold(s) plain text: drop the key")
     assert not (run / "checkpoint").exists()
+
+
+def test_eos_tails_on_plain_text_are_refused_at_startup(tmp_path, byte_dataset):
+    """data.eos_tail_max follows conversations with EOS: on a text dataset it would be ignored."""
+    run = tmp_path / "run"
+    cfg = load_config(CONFIG, [f"--job.dump_folder={run}", f"--data.datasets={byte_dataset}", "--data.prepare=",
+                               "--data.eos_tail_max=64", "--training.steps=2", "--job.print_config=false",
+                               "--metrics.peak_flops=1e12"])
+    assert _refusal(cfg) == (f"data.eos_tail_max=64 needs a chat dataset (EOS tails follow conversations); "
+                             f"{byte_dataset} hold(s) plain text: drop the key")
+    assert not (run / "checkpoint").exists()

@@ -131,6 +131,33 @@ def test_unpacked_windows_hold_one_conversation_each_padded_to_seq_len(chat_ds):
     assert sorted(seen) == list(range(len(enc)))
 
 
+def test_eos_tails_follow_each_packed_conversation_in_its_own_document(chat_ds):
+    """data.eos_tail_max: every conversation, then k more supervised EOS (log-uniform 0..max, fixed
+    per conversation) in the conversation's document; conversations with their tails still packed."""
+    out, enc = chat_ds
+    loader, batches = _epoch(out, eos_tail_max=64)
+    tails = loader.sources[0].windows.tails
+    assert tails.min() >= 0 and tails.max() <= 64 and len(set(tails.tolist())) > 5  # drawn, not constant
+    packed_windows = _epoch(out)[0].sources[0].num_windows
+    assert packed_windows <= loader.sources[0].num_windows <= len(enc)  # tails take room; still packed
+    seen = 0
+    for b in batches:
+        ids, loss, doc = b["input_ids"][0].tolist(), b["loss_mask"][0].tolist(), b["doc_ids"][0].tolist()
+        pos = 0
+        while pos < SEQ and ids[pos] != EOS:
+            k = next(k for k, (e_ids, _) in enumerate(enc) if ids[pos:pos + len(e_ids)] == e_ids[:SEQ - pos])
+            n = min(len(enc[k][0]) + 1, SEQ - pos)  # + its EOS; one is longer than SEQ: truncated, no tail
+            end = pos + n + int(tails[k])
+            assert loss[pos:pos + n - 1] == enc[k][1][:n - 1]
+            assert set(ids[pos + n:end]) <= {EOS} and all(loss[pos + n:end])  # its tail, supervised
+            assert len(set(doc[pos:end])) == 1  # one document: the tail is the conversation's
+            pos, seen = end, seen + 1
+        assert set(ids[pos:]) <= {EOS}  # the window's padding
+    assert seen == len(enc)
+    again = _epoch(out, eos_tail_max=64)[0].sources[0].windows.tails
+    assert (again == tails).all()
+
+
 def test_supervise_eos_changes_exactly_the_eos_positions(chat_ds):
     out, _ = chat_ds
     _, on = _epoch(out, supervise_eos=True)
