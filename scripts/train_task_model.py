@@ -2,7 +2,7 @@
 """Train the task model: an AR base, its A2D conversion, diffusion SFT (packed, then at long gen
 lengths), on the arithmetic task.
 
-    python scripts/train_task_model.py                 # about 30 minutes on 2 CPU cores
+    python scripts/train_task_model.py                 # about 52 minutes on 2 idle CPU cores
     python scripts/eval_task.py --checkpoint outputs/task/sft_long/checkpoint
 
 The recipe of ``docs/task_model.md`` in one command: write the task's data
@@ -13,8 +13,9 @@ four ordinary training runs, each from the previous one's checkpoint:
 2. ``task_a2d.toml``: A2D conversion with SCP (bidirectional attention from step 0);
 3. ``task_sft.toml``: diffusion SFT on chat conversations about the training questions, packed
    into 256-token windows (cheap: no compute on padding);
-4. ``task_sft_long.toml``: the same SFT, one conversation per 1,152-token window, EOS-padded
-   (LLaDA's layout), so the model answers into the long masked region of gen lengths up to 1,024.
+4. ``task_sft_long.toml``: the same SFT in 1,152-token windows, each conversation followed by an
+   EOS tail of its own (log-uniform up to 1,024), so the model answers into the long masked
+   region of gen lengths up to 1,024.
 
 A finished stage is reused (its run folder holds a checkpoint at its last step), so an
 interrupted recipe resumes where it stopped. The model the sampler benchmarks measure
