@@ -207,7 +207,7 @@ class Data:
                                         "seq_len (LLaDA's SFT: the model learns to answer into a long masked "
                                         "region, as at a long gen length)")
     eos_tail_max: int = _f(0, "chat (SFT) datasets, packed: follow each conversation with k more EOS, k "
-                              "log-uniform in 0..eos_tail_max per conversation, so packed SFT also shows long "
+                              "log-uniform in 0..eos_tail_max-1 per conversation, so packed SFT also shows long "
                               "EOS tails (0: none)", _nonneg)
 
 

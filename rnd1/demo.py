@@ -8,8 +8,8 @@ the ``debug`` MoE (1.9M parameters) on byte-level tokens of the Python standard 
 2. **SCP conversion.** ``debug_model.toml`` from the AR checkpoint: A2D, bidirectional attention
    from step 0 (Simple Continual Pretraining), with RND1's retention split of the learning rate:
    attention 2e-3 (it must learn to read both directions), everything else 5e-4 (the MLPs and
-   experts hold what the AR base knows). With 2e-3 everywhere the same 100 steps kept less:
-   6/128 words and a bound of 2.75 against 7/128 and 2.71, on one machine, once.
+   experts hold what the AR base knows). On one machine, once, from the same AR base: 2e-3
+   everywhere gave 6/128 words and a bound of 2.7481, the split 7/128 and 2.7142.
 3. **The baseline.** The same config and budget from random weights (the paper's random-init
    baseline), so the value of starting from an AR model is visible.
 4. **Samples**: every model finishes the same 128 held-out words of code (``self.ass`` ->
@@ -26,6 +26,7 @@ plots (``scripts/compare_runs.py``) and further training.
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import time
@@ -39,11 +40,26 @@ WORD_TOKENS = 12  # tokens generated per word: the rest of most identifiers fits
 SHOWN = 8  # word completions printed, evenly spaced over the scored ones
 
 
-def _finished(run: Path, steps: int) -> bool:
-    from rnd1.checkpoint.dcp import CheckpointManager
-
-    latest = CheckpointManager(run / "checkpoint", 0).latest()
-    return latest is not None and latest[0] >= steps
+def _stage(config: str, run: Path, data: Path, steps: int, *extra: str, after: str = "") -> None:
+    """Train one stage into ``run``, or reuse it. ``run/demo.json`` records the stage's settings
+    (config, steps, overrides and, for a conversion, its AR base: ``after``) and whether it
+    finished. The same settings: a finished stage is reused, an interrupted one resumed (the
+    trainer resumes from its newest checkpoint). A folder holding anything else (an older demo's
+    run with other steps or learning rates, another job) is refused: it would pass as this one."""
+    settings = [config, str(steps), *extra, after]
+    record = run / "demo.json"
+    state = json.loads(record.read_text()) if record.is_file() else None
+    if state is not None and state["settings"] == settings and state["finished"]:
+        print(f"[demo] {run} already holds this stage, finished: reused", flush=True)
+        return
+    if (state is not None and state["settings"] != settings) or (state is None and run.exists() and any(run.iterdir())):
+        print(f"error: {run} holds a run with other settings than this demo's (an older demo, or another "
+              f"job): remove it, or give --out another folder", file=sys.stderr)
+        raise SystemExit(2)
+    run.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps({"settings": settings, "finished": False}))
+    _train(config, run, data, steps, *extra)
+    record.write_text(json.dumps({"settings": settings, "finished": True}))
 
 
 def _train(config: str, run: Path, data: Path, steps: int, *extra: str) -> None:
@@ -71,18 +87,13 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
 
     print("[demo] 1/5 the AR base (debug MoE, next-token prediction)", flush=True)
-    if _finished(ar, args.ar_steps):
-        print(f"[demo] {ar} already holds a finished AR run: reused", flush=True)
-    else:
-        _train("debug_ar.toml", ar, data, args.ar_steps)
+    _stage("debug_ar.toml", ar, data, args.ar_steps)
     print("[demo] 2/5 SCP conversion: A2D, bidirectional attention from step 0, from the AR checkpoint; "
           "learning rates: attention 2e-3, the rest 5e-4 (RND1's retention)", flush=True)
-    if not _finished(scp, args.steps):
-        _train("debug_model.toml", scp, data, args.steps, *RETENTION_LR,
-               f"--checkpoint.initial_load_path={ar / 'checkpoint'}")
+    _stage("debug_model.toml", scp, data, args.steps, *RETENTION_LR,
+           f"--checkpoint.initial_load_path={ar / 'checkpoint'}", after=f"AR base of {args.ar_steps} steps")
     print("[demo] 3/5 the baseline: the same conversion from random weights", flush=True)
-    if not _finished(rnd, args.steps):
-        _train("debug_model.toml", rnd, data, args.steps, *RETENTION_LR)
+    _stage("debug_model.toml", rnd, data, args.steps, *RETENTION_LR)
 
     import numpy as np
 

@@ -14,7 +14,7 @@ four ordinary training runs, each from the previous one's checkpoint:
 3. ``task_sft.toml``: diffusion SFT on chat conversations about the training questions, packed
    into 256-token windows (cheap: no compute on padding);
 4. ``task_sft_long.toml``: the same SFT in 1,152-token windows, each conversation followed by an
-   EOS tail of its own (log-uniform up to 1,024), so the model answers into the long masked
+   EOS tail of its own (log-uniform below 1,024), so the model answers into the long masked
    region of gen lengths up to 1,024.
 
 A finished stage is reused (its run folder holds a checkpoint at its last step), so an

@@ -36,7 +36,7 @@ length far past the responses it was tuned on) it has never seen one, and answer
 One conversation per window shows it the long EOS tail, at every position up to ``seq_len``.
 ``eos_tail_max`` (default 0) is the middle way: every conversation is followed by k more EOS of
 its own (supervised like its trailing EOS, in its own document), k drawn per conversation from a
-log-uniform over 0..``eos_tail_max`` (seeded by the conversation's index, so the windows never
+log-uniform over 0..``eos_tail_max`` - 1 (seeded by the conversation's index, so the windows never
 change), and conversations with their tails are packed as above. Most tails are short (median
 about sqrt(eos_tail_max)), so a window still holds several conversations, while some run long
 enough to show the model a long masked region that it should fill with EOS after the answer.
@@ -93,7 +93,7 @@ class ConversationWindows:
         lengths = self.ends - starts
         self.truncated = int((lengths > seq_len).sum())
         kept = np.minimum(lengths, seq_len)
-        # extra EOS after each conversation: log-uniform over 0..eos_tail_max, fixed per conversation
+        # extra EOS after each conversation: floor(exp(u ln(max + 1))) - 1 in 0..max-1, fixed per conversation
         u = np.random.default_rng([len(starts), eos_tail_max]).random(len(starts))
         tails = np.floor(np.exp(u * np.log(eos_tail_max + 1))).astype(np.int64) - 1 if eos_tail_max else np.zeros_like(kept)
         self.tails = np.minimum(tails, seq_len - kept)

@@ -8,7 +8,7 @@ such a model can do is finish a word it is in the middle of, from the names in s
 split, which no run trained on:
 
 - the **prompt** is the ``context`` characters of a held-out file that end a few letters into an
-  identifier of at least six characters (the middle one of its line that is not ``self``); all
+  identifier of at least six characters (the middle one of its line); all
   prompts have the same length, so a batch of them needs no padding and no attention mask;
 - the **reference** is the rest of that identifier;
 - a **completion** is the model's output up to its first character that cannot be part of an
@@ -45,7 +45,7 @@ def _word_in(line: str):
     body = line.lstrip(" ")
     if len(line) - len(body) < 4 or not body.isascii() or body.startswith(_NOT_CODE):
         return None
-    words = [m for m in _WORD.finditer(line) if m.group() != "self"]
+    words = list(_WORD.finditer(line))  # six characters or more: never `self`
     return words[len(words) // 2] if words else None
 
 

@@ -19,8 +19,8 @@ from typing import Callable
 
 Verifier = Callable[[str, dict], float]
 _REGISTRY: dict[str, Verifier] = {}
-_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
-_FENCE = re.compile(r"```(?:python)?\n(.*?)```", re.S)
+_NUMBER = re.compile(r"-?\d+")  # integers, as scripts/eval_task.py reads them
+_FENCE = re.compile(r"```[\w+-]*[ \t]*\n(.*?)(?:```|$)", re.S)  # ```python, ```py, an unclosed fence
 
 
 def register(name: str):
@@ -57,12 +57,18 @@ def number(reply: str, row: dict) -> float:
 @register("code")
 def code(reply: str, row: dict) -> float:
     """The reply's program (its first fenced block, else all of it) run against ``row["tests"]``
-    in ``rnd1.eval.code_exec``'s sandbox: 1 when every test passes."""
+    in ``rnd1.eval.code_exec``'s sandbox: 1 when every test passes. A clean exit is not enough:
+    the tests must also print a random marker after the last of them, so a program that exits
+    early (``os._exit(0)``, ``raise SystemExit``) before any test runs scores 0."""
+    import secrets
+
     from rnd1.eval.code_exec import run_program
 
     fenced = _FENCE.search(reply)
     program = fenced.group(1) if fenced else reply.split("<|im_end|>")[0]
-    return float(run_program(program, row["tests"], timeout_s=float(row.get("timeout_s", 5.0))).passed)
+    marker = f"rnd1-tests-done-{secrets.token_hex(8)}"
+    result = run_program(program, row["tests"] + f"\nprint({marker!r})", timeout_s=float(row.get("timeout_s", 5.0)))
+    return float(result.passed and marker in result.output)
 
 
 @dataclass(frozen=True)

@@ -102,3 +102,11 @@ def test_eos_tails_on_plain_text_are_refused_at_startup(tmp_path, byte_dataset):
     assert _refusal(cfg) == (f"data.eos_tail_max=64 needs a chat dataset (EOS tails follow conversations); "
                              f"{byte_dataset} hold(s) plain text: drop the key")
     assert not (run / "checkpoint").exists()
+
+
+def test_eos_tails_with_one_conversation_per_window_are_refused(tmp_path, byte_dataset):
+    run = tmp_path / "run"
+    cfg = load_config(CONFIG, [f"--job.dump_folder={run}", f"--data.datasets={byte_dataset}", "--data.prepare=",
+                               "--data.eos_tail_max=64", "--data.pack_conversations=false", "--training.steps=2",
+                               "--job.print_config=false", "--metrics.peak_flops=1e12"])
+    assert _refusal(cfg).startswith("data.pack_conversations=false needs a chat dataset")  # checked first

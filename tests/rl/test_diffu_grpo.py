@@ -38,6 +38,9 @@ def test_masked_view_masks_the_completion_and_some_prompt_tokens():
     assert 0 < hidden.sum() < prompt.sum()  # some prompt tokens, not all
     assert not hidden[:, 0].any() and torch.all(view[1, :3] == seq[1, :3])  # protected, padding kept
     assert torch.equal(masked_view(seq, prompt, completion, 99, 0.0, g, a2d)[prompt], seq[prompt])
+    nearly_all = masked_view(seq, prompt, completion, 99, 0.99, g, a2d)
+    assert torch.equal(nearly_all[1, :3], seq[1, :3]) and torch.equal(nearly_all[:, 0], seq[:, 0])
+    assert (nearly_all[prompt] == 99).float().mean() > 0.8
 
 
 def test_completion_logprobs_read_the_a2d_shift():

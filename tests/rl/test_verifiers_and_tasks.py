@@ -14,12 +14,16 @@ def test_number_verifier_reads_the_final_number():
     assert verifiers.reward("37 + 48 = 84.", row).value == 0.0
     assert verifiers.reward("85, no: 86<|im_end|>85", row).value == 0.0  # cut at the turn's end
     assert verifiers.reward("no number", row).value == 0.0
+    assert verifiers.reward("37 + 48 = 85.0", row).value == 0.0  # integers, as eval_task reads them
 
 
 def test_code_verifier_runs_the_tests_in_the_sandbox():
     row = {"verifier": "code", "tests": "assert add(2, 3) == 5"}
     assert verifiers.reward("```python\ndef add(a, b):\n    return a + b\n```", row).value == 1.0
     assert verifiers.reward("def add(a, b):\n    return a - b", row).value == 0.0
+    assert verifiers.reward("```py\ndef add(a, b):\n    return a + b\n", row).value == 1.0  # ```py, unclosed
+    for early_exit in ("import os\nos._exit(0)", "raise SystemExit(0)"):  # exits before any test runs
+        assert verifiers.reward(early_exit, row).value == 0.0
 
 
 def test_a_verifier_that_raises_scores_zero_and_says_why():
