@@ -145,8 +145,11 @@ CACHE_MODES = ("none", "prefix", "dual")
 # today's sampler (one token per forward, no cache) on the task model (docs/sampling.md, 500
 # questions each): dual cache + Fast-dLLM's factor rule (f = 1) + blocks of 32 was the fastest
 # at every gen length measured, 8.4x / 20.4x / 26.9x at 64 / 256 / 1,024, accuracy change -1.8 /
-# +3.0 / -0.6 points. A block-diffusion model keeps its exact cache of committed blocks and its
-# own block size. diffusion_generate's own defaults stay the exact ones.
+# +3.0 / -0.6 points. That was the first stage-4 task model; on the one that replaced it
+# (2026-12-07) the factor rule loses 4-6 points at 64 / 256 and the threshold rule keeps within
+# 2 points at 64 (docs/sampling.md, last section): to be chosen again once 1,024 is re-measured.
+# A block-diffusion model keeps its exact cache of committed blocks and its own block size.
+# diffusion_generate's own defaults stay the exact ones.
 FAST_DEFAULTS = {"kv_cache": "dual", "factor": 1.0, "block_length": 32}
 
 
