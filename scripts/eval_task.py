@@ -19,13 +19,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import sys
 import time
 from pathlib import Path
-
-NUMBER = re.compile(r"-?\d+")
-
 
 def add_sampler_args(ap: argparse.ArgumentParser, *, gen_length: int = 64) -> None:
     """The sampler's settings as command-line options (shared with scripts/bench_sampler.py)."""
@@ -49,12 +45,6 @@ def sampler_settings(args) -> dict:
             "factor": args.factor, "temperature": 0.0}
 
 
-def reply_number(text: str) -> str | None:
-    """The last integer of a reply cut at ``<|im_end|>`` ("37 + 48 = 85." -> "85")."""
-    found = NUMBER.findall(text.split("<|im_end|>")[0])
-    return found[-1] if found else None
-
-
 def evaluate(model, tok, rows: list[dict], settings: dict, *, batch_size: int, seed: int) -> dict:
     """Greedy-decode every question with ``settings`` (``sampler_settings``); accuracy, its
     standard error, tokens/s, tokens per forward, and the replies."""
@@ -62,6 +52,7 @@ def evaluate(model, tok, rows: list[dict], settings: dict, *, batch_size: int, s
 
     from rnd1.data.chat import encode_chat_prompt
     from rnd1.generate import diffusion_generate
+    from rnd1.rl.verifiers import final_number
 
     correct, replies, tokens, forwards, seconds, nfe = 0, [], 0, 0, 0.0, 0
     g = torch.Generator().manual_seed(seed)
@@ -72,7 +63,7 @@ def evaluate(model, tok, rows: list[dict], settings: dict, *, batch_size: int, s
                                  eos_id=tok.eos_id, vocab_limit=tok.vocab_size, generator=g, **settings)
         for r, t in zip(chunk, out.tokens):
             text = tok.decode([x for x in t if x != tok.eos_id])
-            ok = reply_number(text) == r["answer"]
+            ok = final_number(text) == r["answer"]  # the RL verifier's reading of a reply
             correct += ok
             replies.append({"question": r["question"], "answer": r["answer"], "reply": text, "correct": ok})
         tokens += sum(len(t) for t in out.tokens)

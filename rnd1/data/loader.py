@@ -97,6 +97,7 @@ class ConversationWindows:
         u = np.random.default_rng([len(starts), eos_tail_max]).random(len(starts))
         tails = np.floor(np.exp(u * np.log(eos_tail_max + 1))).astype(np.int64) - 1 if eos_tail_max else np.zeros_like(kept)
         self.tails = np.minimum(tails, seq_len - kept)
+        self.has_tails = bool(self.tails.any())
         first, used = [], seq_len + 1
         for i, n in enumerate((kept + self.tails).tolist()):
             if not pack or used + n > seq_len:
@@ -110,8 +111,9 @@ class ConversationWindows:
     def get(self, w: int) -> Window:
         lo = int(self.starts[self.first[w]])
         hi = min(int(self.ends[self.last[w] - 1]), lo + self.seq_len)
-        token_parts, flag_parts = [self.split.slice(lo, hi - lo)], [self.split.slice_flags(lo, hi - lo)]
-        if self.tails.any():  # each conversation, then its own EOS tail
+        if not self.has_tails:  # the window's conversations are one contiguous slice
+            token_parts, flag_parts = [self.split.slice(lo, hi - lo)], [self.split.slice_flags(lo, hi - lo)]
+        else:  # each conversation, then its own EOS tail
             token_parts, flag_parts = [], []
             for d in range(int(self.first[w]), int(self.last[w])):
                 a = int(self.starts[d])

@@ -19,7 +19,7 @@ from typing import Callable
 
 Verifier = Callable[[str, dict], float]
 _REGISTRY: dict[str, Verifier] = {}
-_NUMBER = re.compile(r"-?\d+")  # integers, as scripts/eval_task.py reads them
+_NUMBER = re.compile(r"-?\d+")  # integers (scripts/eval_task.py scores with final_number too)
 _FENCE = re.compile(r"```[\w+-]*[ \t]*\n(.*?)(?:```|$)", re.S)  # ```python, ```py, an unclosed fence
 
 

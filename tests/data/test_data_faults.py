@@ -81,32 +81,32 @@ def test_no_val_split_with_eval_interval_is_refused_at_startup(tmp_path):
     Trainer(cfg, _env())  # the same data is fine without validation
 
 
-def test_unpacked_windows_on_plain_text_are_refused_at_startup(tmp_path, byte_dataset):
-    """data.pack_conversations=false means one conversation per window: on a text dataset there
-    are no conversations, and the key would be accepted and ignored."""
+@pytest.mark.parametrize("key,message", [
+    ("--data.pack_conversations=false", "data.pack_conversations=false needs a chat dataset (one conversation per "
+                                        "window)"),
+    ("--data.eos_tail_max=64", "data.eos_tail_max=64 needs a chat dataset (EOS tails follow conversations)")])
+def test_chat_layout_keys_on_plain_text_are_refused_at_startup(tmp_path, byte_dataset, key, message):
+    """data.pack_conversations=false and data.eos_tail_max shape conversations: on a text dataset
+    there are none, and the key would be accepted and ignored."""
     run = tmp_path / "run"
     cfg = load_config(CONFIG, [f"--job.dump_folder={run}", f"--data.datasets={byte_dataset}", "--data.prepare=",
-                               "--data.pack_conversations=false", "--training.steps=2", "--job.print_config=false",
-                               "--metrics.peak_flops=1e12"])
-    assert _refusal(cfg) == (f"data.pack_conversations=false needs a chat dataset (one conversation per window); "
-                             f"{byte_dataset} hold(s) plain text: drop the key")
+                               key, "--training.steps=2", "--job.print_config=false", "--metrics.peak_flops=1e12"])
+    assert _refusal(cfg) == f"{message}; {byte_dataset} hold(s) plain text: drop the key"
     assert not (run / "checkpoint").exists()
 
 
-def test_eos_tails_on_plain_text_are_refused_at_startup(tmp_path, byte_dataset):
-    """data.eos_tail_max follows conversations with EOS: on a text dataset it would be ignored."""
+def test_eos_tails_with_one_conversation_per_window_are_refused(tmp_path):
+    """On a chat dataset, tails with pack_conversations=false would change nothing (a window of one
+    conversation already ends in EOS padding): one line naming both keys."""
+    chats = tmp_path / "chat.jsonl"
+    chats.write_text("".join(json.dumps({"prompt": f"What is {a} + 1?", "response": f"{a + 1}."}) + "\n"
+                             for a in range(64)))
+    data = prepare([f"chat:{chats}"], "byte", tmp_path / "chat", val_fraction=0.0, workers=1, quiet=True)
     run = tmp_path / "run"
-    cfg = load_config(CONFIG, [f"--job.dump_folder={run}", f"--data.datasets={byte_dataset}", "--data.prepare=",
-                               "--data.eos_tail_max=64", "--training.steps=2", "--job.print_config=false",
-                               "--metrics.peak_flops=1e12"])
-    assert _refusal(cfg) == (f"data.eos_tail_max=64 needs a chat dataset (EOS tails follow conversations); "
-                             f"{byte_dataset} hold(s) plain text: drop the key")
-    assert not (run / "checkpoint").exists()
-
-
-def test_eos_tails_with_one_conversation_per_window_are_refused(tmp_path, byte_dataset):
-    run = tmp_path / "run"
-    cfg = load_config(CONFIG, [f"--job.dump_folder={run}", f"--data.datasets={byte_dataset}", "--data.prepare=",
-                               "--data.eos_tail_max=64", "--data.pack_conversations=false", "--training.steps=2",
+    cfg = load_config(CONFIG, [f"--job.dump_folder={run}", f"--data.datasets={data}", "--data.prepare=",
+                               "--training.document_masking=true", "--data.eos_tail_max=64",
+                               "--data.pack_conversations=false", "--training.steps=2", "--eval.interval=0",
                                "--job.print_config=false", "--metrics.peak_flops=1e12"])
-    assert _refusal(cfg).startswith("data.pack_conversations=false needs a chat dataset")  # checked first
+    assert _refusal(cfg) == ("data.eos_tail_max=64 with data.pack_conversations=false: a window of one "
+                             "conversation already ends in EOS padding; set one of them")
+    assert not (run / "checkpoint").exists()

@@ -55,10 +55,12 @@ def test_the_generator_is_seeded(task, tmp_path):
 
 
 def test_reply_number():
-    ev = _script("eval_task")
-    assert ev.reply_number("37 + 48 = 85.<|im_end|>\n") == "85"
-    assert ev.reply_number("12 - 30 = -18.") == "-18"
-    assert ev.reply_number("no digits<|im_end|>99") is None
+    """eval_task reads a reply as the RL number verifier does (one function for both)."""
+    from rnd1.rl.verifiers import final_number
+
+    assert final_number("37 + 48 = 85.<|im_end|>\n") == "85"
+    assert final_number("12 - 30 = -18.") == "-18"
+    assert final_number("no digits<|im_end|>99") is None
 
 
 @pytest.fixture(scope="module")
