@@ -24,7 +24,9 @@ recall. The folder gets:
   is pretrained on and the A2D conversion continues on;
 - ``sft.jsonl``: chat conversations about the training questions (diffusion SFT);
 - ``heldout.jsonl``: ``{"question", "answer"}`` per held-out question, what ``scripts/eval_task.py``
-  scores (exact match of the last number of the reply).
+  scores (exact match of the last number of the reply);
+- ``rl.jsonl``: ``{"prompt", "answer"}`` for every training question, the prompts of RL
+  (``train_configs/task/task_rl.toml``; rewarded by the ``number`` verifier).
 """
 
 from __future__ import annotations
@@ -111,6 +113,8 @@ def write_task(out: Path, *, heldout: int, seed: int, docs: int, lines_per_doc: 
     dump("sft.jsonl", sft)
     dump("heldout.jsonl", [{"question": QUESTIONS[0].format(q=f"{a} {op} {b}"), "answer": str(OPS[op](a, b))}
                            for a, op, b in held])
+    dump("rl.jsonl", [{"prompt": QUESTIONS[0].format(q=f"{a} {op} {b}"), "answer": str(OPS[op](a, b))}
+                      for a, op, b in train])
 
 
 def main(argv=None) -> int:

@@ -2,7 +2,7 @@
 """Train the task model: an AR base, its A2D conversion, diffusion SFT (packed, then at long gen
 lengths), on the arithmetic task.
 
-    python scripts/train_task_model.py                 # about 52 minutes on 2 idle CPU cores
+    python scripts/train_task_model.py                 # about 30 minutes on 2 idle CPU cores
     python scripts/eval_task.py --checkpoint outputs/task/sft_long/checkpoint
 
 The recipe of ``docs/task_model.md`` in one command: write the task's data
@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     from rnd1.config import ConfigError, load_config
 
     data, out = Path(args.data), Path(args.out)
-    if not (data / "heldout.jsonl").is_file():
+    if not (data / "heldout.jsonl").is_file() or not (data / "rl.jsonl").is_file():
         subprocess.run([sys.executable, str(REPO / "scripts" / "make_chat_data.py"), "--task", "--out", str(data)],
                        check=True)
     previous = None
