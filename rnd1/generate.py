@@ -143,20 +143,19 @@ CACHE_MODES = ("none", "prefix", "dual")
 # What scripts/generate.py and the lm-eval adapter sample with unless told otherwise: the fastest
 # setting of scripts/bench_sampler.py's sweep that kept held-out accuracy within 2 points of
 # today's sampler (one token per forward, no cache) on the task model (docs/sampling.md, 500
-# questions each): dual cache + Fast-dLLM's factor rule (f = 1) + blocks of 32 was the fastest
-# at every gen length measured, 8.4x / 20.4x / 26.9x at 64 / 256 / 1,024, accuracy change -1.8 /
-# +3.0 / -0.6 points. That was the first stage-4 task model; on the one that replaced it
-# (2026-12-07) the factor rule loses 4-6 points at 64 / 256 and the threshold rule keeps within
-# 2 points at 64 (docs/sampling.md, last section): to be chosen again once 1,024 is re-measured.
+# questions each, 2026-12-07): dual cache + the confidence threshold 0.9 + blocks of 32, 14.4x /
+# 20.6x at gen lengths 64 / 256 (+1.4 / +2.8 points). At 1,024 it is 26.2x but loses 4.0 points on
+# that model; there only the uncached threshold rule kept the bound (4.9x). The threshold rule
+# also held on the previous task model, where the factor rule lost 4-6 points.
 # A block-diffusion model keeps its exact cache of committed blocks and its own block size.
 # diffusion_generate's own defaults stay the exact ones.
-FAST_DEFAULTS = {"kv_cache": "dual", "factor": 1.0, "block_length": 32}
+FAST_DEFAULTS = {"kv_cache": "dual", "threshold": 0.9, "factor": None, "block_length": 32}
 
 
 def parallel_rule(threshold: float | None = None, factor: float | None = None, *,
                   parallel: bool = True) -> tuple[float | None, float | None]:
     """(threshold, factor) for the scripts: the rule given (one of them), else FAST_DEFAULTS'
-    factor rule; ``parallel=False`` is the fixed schedule (gen length / steps per forward)."""
+    rule; ``parallel=False`` is the fixed schedule (gen length / steps per forward)."""
     if threshold is not None and factor is not None:
         raise ValueError(f"give a threshold ({threshold}) or a factor ({factor}), not both")
     if not parallel:
@@ -164,7 +163,7 @@ def parallel_rule(threshold: float | None = None, factor: float | None = None, *
             raise ValueError("a fixed schedule (no parallel decoding) takes no threshold or factor")
         return None, None
     if threshold is None and factor is None:
-        return None, FAST_DEFAULTS["factor"]
+        return FAST_DEFAULTS["threshold"], FAST_DEFAULTS["factor"]
     return threshold, factor
 
 
@@ -180,7 +179,8 @@ def diffusion_generate(model, prompts: list[list[int]], *, gen_length: int, step
                        top_k: int = 0, top_p: float = 1.0, eos_id: int | None = None,
                        suffixes: list[list[int]] | None = None, generator: torch.Generator | None = None,
                        pad_id: int | None = None, vocab_limit: int | None = None,
-                       kv_cache: "bool | str | None" = None, cache_refresh: int = 0) -> GenerationOutput:
+                       kv_cache: "bool | str | None" = None, cache_refresh: int = 0,
+                       sync=None) -> GenerationOutput:
     """Sample ``gen_length`` tokens after each prompt (see the module docstring).
 
     ``kv_cache``: ``"none"``, ``"prefix"`` or ``"dual"`` (``True`` is ``"prefix"``, ``False`` is
@@ -197,7 +197,19 @@ def diffusion_generate(model, prompts: list[list[int]], *, gen_length: int, step
       exactly the uncached tokens). The default there is ``"none"``.
 
     ``threshold`` and ``factor`` are the parallel decoding rules (``_choose``); with either,
-    ``steps`` bounds the forwards per block rather than fixing them."""
+    ``steps`` bounds the forwards per block rather than fixing them.
+
+    ``generator``: one ``torch.Generator`` for the batch, or a list of one per row; with a list,
+    each row draws its samples from its own generator, and only at the steps it is still decoding,
+    so a row's random draws depend on its own seed, not on which rows share its batch (the RL
+    trainer keys each rollout's seed by step and sample, like the training noise). Its logits
+    still see its batch through float noise (the padding width, bf16 expert routing).
+
+    ``sync``: for a sharded model (FSDP / expert parallelism), whose every forward is a
+    collective: called at each step with whether this rank still has masked positions in the
+    block, it returns whether any rank has (an all-reduce), so all ranks run the same forwards; a
+    rank that has finished runs its forwards too and commits nothing. None: this process alone
+    decides (A2D / MDLM only)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy {strategy!r} unknown; expected one of {STRATEGIES}")
     if threshold is not None and factor is not None:
@@ -216,6 +228,10 @@ def diffusion_generate(model, prompts: list[list[int]], *, gen_length: int, step
     mode = {True: "prefix", False: "none", None: "prefix" if block_model else "none"}.get(kv_cache, kv_cache)
     if mode not in CACHE_MODES:
         raise ValueError(f"kv_cache {kv_cache!r} unknown; expected one of {CACHE_MODES} (or a bool)")
+    if isinstance(generator, (list, tuple)) and len(generator) != len(prompts):
+        raise ValueError(f"{len(generator)} generators for {len(prompts)} prompts: give one per row (or one)")
+    if sync is not None and block_model:
+        raise ValueError(f"sync (lockstep across ranks) is implemented for A2D / MDLM sampling, not {objective.name}")
     kw = dict(gen_length=gen_length, steps=steps, mask_id=mask_id, objective=objective, block_length=block_length,
               strategy=strategy, threshold=threshold, factor=factor, temperature=temperature, top_k=top_k,
               top_p=top_p, eos_id=eos_id, suffixes=suffixes, generator=generator, pad_id=pad_id,
@@ -226,7 +242,7 @@ def diffusion_generate(model, prompts: list[list[int]], *, gen_length: int, step
                 raise ValueError(f"{objective.name} attends block-causally: no later block is ever read, so there "
                                  f"is no suffix to cache (kv_cache 'prefix' or 'none')")
             return _block_generate(model, prompts, kv_cache=mode == "prefix", **kw)
-        return _semi_ar_generate(model, prompts, cache=mode, cache_refresh=cache_refresh, **kw)
+        return _semi_ar_generate(model, prompts, cache=mode, cache_refresh=cache_refresh, sync=sync, **kw)
 
 
 @contextmanager
@@ -248,7 +264,7 @@ def _attention_of(model, objective):
 
 def _semi_ar_generate(model, prompts, *, gen_length, steps, mask_id, objective, block_length, strategy, threshold,
                       factor, temperature, top_k, top_p, eos_id, suffixes, generator, pad_id, vocab_limit, cache,
-                      cache_refresh) -> GenerationOutput:
+                      cache_refresh, sync=None) -> GenerationOutput:
     """A2D / MDLM sampling over the whole sequence, ``block_length`` positions at a time.
 
     Every forward is either *full* (the whole sequence; with a cache it also refreshes it) or,
@@ -289,7 +305,7 @@ def _semi_ar_generate(model, prompts, *, gen_length, steps, mask_id, objective, 
         for s in range(blk_steps):
             pos = region[:, lo:hi]
             still = (x[rows, pos] == mask_id) & ~done[:, None]
-            if not still.any():
+            if not (still.any() if sync is None else sync(bool(still.any()))):
                 break
             read = objective.output_index(pos)  # [B, n] the output that predicts each position (the shift)
             full = kv is None or s == 0 or (cache_refresh > 0 and s % cache_refresh == 0)
@@ -355,7 +371,12 @@ def _choose(logits, still, s, blk_steps, n_block, *, mask_id, vocab_limit, strat
     lg = _allowed(logits.float(), mask_id, vocab_limit)
     lg = _filter_logits(lg, temperature, top_k, top_p)  # [B, n, V]
     probs = torch.softmax(lg, dim=-1)
-    if temperature > 0:
+    per_row = isinstance(generator, (list, tuple))
+    if temperature > 0 and per_row:  # each row from its own generator, only while it decodes
+        pred = probs.argmax(-1)
+        for b in torch.nonzero(still.any(1)).flatten().tolist():
+            pred[b] = torch.multinomial(probs[b], 1, generator=generator[b]).squeeze(-1)
+    elif temperature > 0:
         flat = torch.multinomial(probs.view(-1, probs.shape[-1]), 1, generator=generator)
         pred = flat.view(B, -1)
     else:
@@ -368,6 +389,10 @@ def _choose(logits, still, s, blk_steps, n_block, *, mask_id, vocab_limit, strat
         score = top2[..., 0] - top2[..., 1]
     elif strategy in ("entropy", "rnd1"):
         score = (probs * torch.log(probs.clamp_min(1e-30))).sum(-1)  # -entropy
+    elif per_row:  # only the rows still decoding draw, as for the tokens
+        score = torch.zeros(conf.shape, device=device)
+        for b in torch.nonzero(still.any(1)).flatten().tolist():
+            score[b] = torch.rand(conf.shape[1:], generator=generator[b], device=generator[b].device).to(device)
     else:
         score = torch.rand(conf.shape, generator=generator).to(device)
     score = score.masked_fill(~still, float("-inf"))

@@ -45,8 +45,8 @@ def main(argv=None) -> int:
     ap.add_argument("--kv-cache", default="auto", choices=["auto", "none", "prefix", "dual"],
                     help="sampler cache (default auto: dual, block models their exact cache; docs/sampling.md)")
     rule = ap.add_mutually_exclusive_group()
-    rule.add_argument("--threshold", type=float, help="parallel decoding: confidence threshold")
-    rule.add_argument("--factor", type=float, help="parallel decoding: Fast-dLLM's factor rule (the default, f = 1)")
+    rule.add_argument("--threshold", type=float, help="parallel decoding: confidence threshold (the default, 0.9)")
+    rule.add_argument("--factor", type=float, help="parallel decoding: Fast-dLLM's factor rule (e.g. 1.0)")
     rule.add_argument("--no-parallel", action="store_true", help="a fixed number of tokens per forward")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="eval_results")

@@ -121,7 +121,7 @@ def test_defaults_are_the_fast_settings(folder, monkeypatch):
     assert gen.main(["--checkpoint", str(folder), "--prompt", "ab", "--gen-length", "40"]) == 0
     kw = seen[-1]
     assert (kw["kv_cache"], kw["threshold"], kw["factor"], kw["block_length"], kw["steps"]) == \
-        (FAST_DEFAULTS["kv_cache"], None, FAST_DEFAULTS["factor"], FAST_DEFAULTS["block_length"], 40)
+        (FAST_DEFAULTS["kv_cache"], FAST_DEFAULTS["threshold"], FAST_DEFAULTS["factor"], FAST_DEFAULTS["block_length"], 40)
     assert gen.main(["--checkpoint", str(folder), "--prompt", "ab", "--gen-length", "8", "--steps", "4",
                      "--kv-cache", "none", "--no-parallel"]) == 0
     kw = seen[-1]

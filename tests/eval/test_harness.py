@@ -116,12 +116,12 @@ def test_harness_defaults_are_the_fast_settings():
     lm = harness.RND1HarnessLM(lm=OracleB(), tokenizer="byte", objective="a2d")
     got = lm.sampler_settings()
     assert (got["kv_cache"], got["threshold"], got["factor"], got["block_length"]) == \
-        (FAST_DEFAULTS["kv_cache"], None, FAST_DEFAULTS["factor"], FAST_DEFAULTS["block_length"]) == \
-        ("dual", None, 1.0, 32)
+        (FAST_DEFAULTS["kv_cache"], FAST_DEFAULTS["threshold"], FAST_DEFAULTS["factor"], FAST_DEFAULTS["block_length"]) == \
+        ("dual", 0.9, None, 32)
     exact = harness.RND1HarnessLM(lm=OracleB(), tokenizer="byte", objective="a2d", kv_cache="none", parallel="False")
     assert (exact.kv_cache, exact.threshold, exact.factor) == ("none", None, None)
-    other = harness.RND1HarnessLM(lm=OracleB(), tokenizer="byte", objective="a2d", threshold="0.9")
-    assert (other.threshold, other.factor) == (0.9, None)  # a threshold replaces the default factor rule
+    other = harness.RND1HarnessLM(lm=OracleB(), tokenizer="byte", objective="a2d", factor="1.0")
+    assert (other.threshold, other.factor) == (None, 1.0)  # a factor replaces the default threshold rule
     with pytest.raises(ValueError, match="not both"):
         harness.RND1HarnessLM(lm=OracleB(), tokenizer="byte", objective="a2d", threshold="0.9", factor="1")
     from rnd1.diffusion.objective import get_objective
@@ -163,7 +163,7 @@ def test_eval_script_writes_table(tmp_path, monkeypatch):
     data = json.loads((tmp_path / "out" / "results.json").read_text())
     assert data["scores"]["rnd1_toy_mc"]["metric"] == "acc,none"
     assert data["record"]["sampler"]["gen_steps"] == 3 and data["record"]["seeds"] == {"sampler": 0}
-    assert (data["record"]["sampler"]["kv_cache"], data["record"]["sampler"]["factor"]) == ("dual", 1.0)
+    assert (data["record"]["sampler"]["kv_cache"], data["record"]["sampler"]["threshold"]) == ("dual", 0.9)
 
 
 def test_the_cli_without_lm_eval_is_one_line_and_exit_2(monkeypatch, capsys):
