@@ -276,6 +276,45 @@ class Eval:
     task_interval: int = _f(0, "score tasks every N steps (0: never)", _nonneg)
 
 
+@dataclass
+class RL:
+    """Reinforcement learning with verifiable rewards (rnd1/rl, docs/rl.md): each step samples
+    group_size completions of each prompt with the project's sampler, scores them with the task
+    row's verifier and takes diffu-GRPO steps (d1) on them. An RL run reads its prompts from
+    rl.tasks, not token windows: the [data] section is not read; training.seq_len is the
+    length of the longest rollout (prompt + gen_length: a longer prompt is refused at start-up),
+    and training.local_batch_size the completions per policy-loss forward: the shape the memory
+    estimate and the kernels' autotuning use."""
+    enable: bool = _f(False, "an RL run: rollouts from rl.tasks scored by verifiers, diffu-GRPO policy loss")
+    tasks: str = _f("", "JSONL prompts, one per line ({\"prompt\"|\"question\", \"answer\"} for the number "
+                        "verifier; rnd1/rl/tasks.py)")
+    eval_tasks: str = _f("", "JSONL held-out prompts whose greedy accuracy is the validation of an RL run (every "
+                             "eval.interval steps; '' : none)")
+    eval_limit: int = _f(0, "score the first N eval_tasks prompts (0: all)", _nonneg)
+    prompts_per_step: int = _f(8, "prompts per optimiser step over all ranks (a multiple of the data-parallel "
+                                  "ranks)", _pos)
+    group_size: int = _f(8, "G: completions sampled per prompt (>= 2: the advantage is relative to the group)", _pos)
+    gen_length: int = _f(64, "tokens generated per completion", _pos)
+    block_length: int = _f(32, "the sampler's semi-autoregressive block length", _pos)
+    sampler_steps: int = _f(0, "forwards per rollout at most (0: gen_length, one token per forward at worst)",
+                            _nonneg)
+    kv_cache: Literal["none", "prefix", "dual"] = _f("dual", "the sampler's cache (rnd1/generate.py)")
+    decoding: Literal["fixed", "threshold", "factor"] = _f(
+        "threshold", "how many tokens a forward commits: fixed (gen_length / sampler_steps), threshold (every one "
+                     "above rl.threshold), factor (Fast-dLLM's factor rule, rl.factor)")
+    threshold: float = _f(0.9, "decoding = threshold: commit every position whose probability exceeds it", _unit_open)
+    factor: float = _f(1.0, "decoding = factor: Fast-dLLM's factor", _pos)
+    temperature: float = _f(1.0, "sampling temperature of the rollouts (> 0: a group needs different "
+                                 "completions)", _pos)
+    p_mask: float = _f(0.15, "d1's random prompt masking: each prompt token is masked with this probability in "
+                             "the policy-loss forward", lambda v: None if 0 <= v < 1 else "must be in [0, 1)")
+    inner_steps: int = _f(1, "mu: gradient steps per batch of rollouts (each with a new prompt mask)", _pos)
+    clip_eps: float = _f(0.2, "PPO clipping of the ratio pi / pi_old (inert when inner_steps = 1)", _unit_open)
+    kl_beta: float = _f(0.0, "weight of the k3 KL to the frozen initial policy (0: no reference model, as DAPO)",
+                        _nonneg)
+    scale_advantages: bool = _f(True, "divide each group's centred rewards by their std (GRPO); false: Dr. GRPO")
+
+
 KernelBackend = Literal["auto", "reference", "triton"]  # rnd1.kernels.backend.BACKENDS (a test keeps them equal)
 
 
@@ -315,7 +354,7 @@ SECTIONS: dict[str, type] = {
     "job": Job, "model": Model, "objective": Objective, "optimizer": Optimizer, "lr_schedule": LRSchedule,
     "training": Training, "data": Data, "checkpoint": Checkpoint, "parallelism": Parallelism,
     "compile": Compile, "activation_checkpoint": ActivationCheckpoint, "metrics": Metrics, "eval": Eval,
-    "kernels": Kernels, "hardware": Hardware,
+    "kernels": Kernels, "hardware": Hardware, "rl": RL,
 }
 
 
@@ -336,6 +375,7 @@ class JobConfig:
     eval: Eval = field(default_factory=Eval)
     kernels: Kernels = field(default_factory=Kernels)
     hardware: Hardware = field(default_factory=Hardware)
+    rl: RL = field(default_factory=RL)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -565,11 +605,42 @@ def validate(cfg: JobConfig, world_size: int = 1) -> None:
     if shard % p.expert_parallel_degree:
         raise ConfigError(f"parallelism.expert_parallel_degree={p.expert_parallel_degree} must divide the FSDP "
                           f"degree {shard} (world size {world_size})")
+    if cfg.rl.enable:
+        _validate_rl(cfg, shard * rep)
     per_step = t.local_batch_size * t.seq_len * world_size
     if t.global_batch_tokens and t.global_batch_tokens % per_step:
         raise ConfigError(f"training.global_batch_tokens={t.global_batch_tokens} is not a multiple of "
                           f"local_batch_size x seq_len x world size = {t.local_batch_size} x {t.seq_len} x "
                           f"{world_size} = {per_step}")
+
+
+def _validate_rl(cfg: JobConfig, dp: int) -> None:
+    from rnd1.diffusion.objective import OBJECTIVES
+
+    r, o = cfg.rl, cfg.objective
+    if not OBJECTIVES[o.name].masks or o.name.startswith("block_"):
+        raise ConfigError(f"rl.enable=true needs objective.name 'a2d' or 'mdlm' (the policy's diffusion objective), "
+                          f"got {o.name!r}")
+    if o.attention_recipe != "scp":
+        raise ConfigError(f"rl.enable=true needs objective.attention_recipe='scp' (a diffusion policy attends "
+                          f"bidirectionally), got {o.attention_recipe!r}")
+    if not r.tasks:
+        raise ConfigError("rl.enable=true needs rl.tasks, a JSONL file of prompts")
+    if r.group_size < 2:
+        raise ConfigError(f"rl.group_size={r.group_size}: GRPO's advantage compares completions of one prompt; "
+                          f"expected >= 2")
+    if r.prompts_per_step % dp:
+        raise ConfigError(f"rl.prompts_per_step={r.prompts_per_step} is not a multiple of the {dp} data-parallel "
+                          f"ranks")
+    if r.sampler_steps and r.sampler_steps < -(-r.gen_length // r.block_length):
+        raise ConfigError(f"rl.sampler_steps={r.sampler_steps} is fewer than the {-(-r.gen_length // r.block_length)} "
+                          f"blocks of gen_length {r.gen_length} / block_length {r.block_length}")
+    if cfg.training.global_batch_tokens or cfg.training.total_tokens:
+        raise ConfigError("training.global_batch_tokens / total_tokens: an RL step's batch is rl.prompts_per_step x "
+                          "rl.group_size completions and its length training.steps; leave both 0")
+    if r.gen_length >= cfg.training.seq_len:
+        raise ConfigError(f"rl.gen_length={r.gen_length} leaves no room for a prompt in training.seq_len="
+                          f"{cfg.training.seq_len} (the longest rollout, prompt + completion)")
 
 
 def _validate_blocks(o, seq_len: int) -> None:

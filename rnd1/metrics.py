@@ -155,7 +155,12 @@ class MetricsLogger:
                     ("val_ppl", "ppl {:,.2f}"), ("grad_norm", "gnorm {:.2f}"),
                     ("lr/attention", "lr_attn {:.2e}"), ("lr/non_attention", "lr {:.2e}"),
                     ("lr/mask_embedding", "lr_mask {:.2e}"),
-                    ("masked_frac", "masked {:.2f}"), ("tokens_per_s", "{:,.0f} tok/s"),
+                    ("masked_frac", "masked {:.2f}"),
+                    # RL runs (rnd1/rl/trainer.py)
+                    ("reward_mean", "reward {:.3f}"), ("reward_std", "+- {:.3f}"), ("zero_adv_frac", "zero-adv {:.2f}"),
+                    ("completion_len", "len {:.1f}"), ("rollout_tokens_per_s", "rollout {:,.0f} tok/s"),
+                    ("rollout_share", "({:.0%} of step)"), ("val_accuracy", "val acc {:.3f}"),
+                    ("val_accuracy_stderr", "+- {:.3f}"), ("tokens_per_s", "{:,.0f} tok/s"),
                     ("mfu", "mfu {:.1%}"), ("memory_gib", "mem {:.2f}GiB"))
 
     def __init__(self, folder: str | Path | None, enabled: bool = True, tensorboard: bool = False,

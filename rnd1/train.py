@@ -65,8 +65,7 @@ class Trainer:
         if cfg.hardware.world_size and cfg.hardware.world_size != env.world_size:
             log0(env, f"hardware.world_size={cfg.hardware.world_size}: this config is written (and its memory "
                       f"estimated) for {cfg.hardware.world_size} ranks; running on {env.world_size}")
-        self.datasets = B.ensure_datasets(cfg, self.tokenizer, self.model_cfg, env)
-        self.batch = B.batch_plan(cfg, self.parallel)
+        self.batch = self._build_data()
         L = cfg.training.seq_len
         for bs in sorted({b for b in (cfg.objective.block_size, *cfg.objective.block_schedule_sizes)
                           if 0 < b < L and L % b}):
@@ -80,7 +79,7 @@ class Trainer:
 
         self.model = B.build_and_load_model(cfg, self.model_cfg, self.parallel, env, tokenizer=self.tokenizer)
         self.optimizer, self.schedule = B.build_optimizer_and_schedule(cfg, self.model, self.batch)
-        self.train_loader = B.build_loader(cfg, self.datasets, "train", self.batch, self.parallel)
+        self.train_loader = self._build_train_loader()
         self.ckpt = CheckpointManager(self.run_dir / cfg.checkpoint.folder, cfg.checkpoint.keep_latest_k)
         self.step, self.tokens_seen = 0, 0
         self.guard = NonFiniteGuard(cfg.training.max_nonfinite_skips)
@@ -107,6 +106,15 @@ class Trainer:
                                        self._compute_dtype, self.run_dir / "autotune.json", optimizer=self.optimizer,
                                        peak_flops=None if cfg.metrics.peak_flops else self.peak_flops):
             log0(env, line)
+
+    def _build_data(self) -> B.BatchPlan:
+        """The token datasets (prepared if missing) and the batch geometry they are read in."""
+        self.datasets = B.ensure_datasets(self.cfg, self.tokenizer, self.model_cfg, self.env)
+        return B.batch_plan(self.cfg, self.parallel)
+
+    def _build_train_loader(self):
+        """What ``train_step`` reads and the checkpoint keeps the position of (``state_dict``)."""
+        return B.build_loader(self.cfg, self.datasets, "train", self.batch, self.parallel)
 
     @property
     def model_dtype(self) -> torch.dtype:
@@ -150,6 +158,7 @@ class Trainer:
         except DataError as e:
             raise B.StartupError(f"{path}: {e}") from e
         self.guard.load_state_dict(extra.get("guard", {}))
+        self._load_extra_state(extra)
         if same_layout:
             torch.set_rng_state(extra["rng_cpu"])
         else:
@@ -188,6 +197,13 @@ class Trainer:
             if have is not None and have != value:
                 log0(self.env, f"resume changes {key}: {have!r} -> {value!r} ({RESUME_MAY_CHANGE[key]})")
 
+    def _extra_state(self) -> dict:
+        """What a run type adds to the checkpoint's counters (the same on every rank)."""
+        return {}
+
+    def _load_extra_state(self, extra: dict) -> None:
+        pass
+
     def save_checkpoint(self):
         extra = {
             "tokens_seen": self.tokens_seen,
@@ -195,6 +211,7 @@ class Trainer:
             "loader": self.train_loader.state_dict(),
             "guard": self.guard.state_dict(),
             "rng_cpu": torch.get_rng_state(),
+            **self._extra_state(),
         }
         try:
             path = self.ckpt.save(self.step, self.model, self.optimizer, extra,
@@ -444,7 +461,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if lock is not None:
             lock.acquire()
-        Trainer(cfg, env).train(preempt)
+        trainer_cls = Trainer
+        if cfg.rl.enable:  # an RL run: the same loop, rollouts instead of token windows
+            from rnd1.rl.trainer import RLTrainer as trainer_cls
+        trainer_cls(cfg, env).train(preempt)
     except (B.StartupError, RunLockError, MetricsWriteError) as e:
         # no barrier: a rank that did not fail may be waiting in a collective (it is told, below)
         code = _bad_input(f"error: {e}")

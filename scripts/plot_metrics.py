@@ -1,7 +1,10 @@
 #!/usr/bin/env python
-"""Plot a run's loss (train and validation) and learning rates against tokens to a PNG.
+"""Plot a run's loss (train and validation) and learning rates against tokens to a PNG; an RL
+run's rewards, accuracy (rollouts and held-out), zero-advantage groups, completion length,
+rollout speed and the rollouts' share of step time against steps.
 
     python scripts/plot_metrics.py outputs/debug_model [--out outputs/debug_model/metrics.png]
+    python scripts/plot_metrics.py outputs/task/rl
 
 Needs matplotlib (`pip install -e ".[plot]"`)."""
 
@@ -32,6 +35,48 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    fig = _plot_rl(plt, run) if run.is_rl else _plot_training(plt, run)
+    fig.tight_layout()
+    out = Path(args.out) if args.out else Path(args.run) / "metrics.png"
+    fig.savefig(out, dpi=110)
+    print(f"wrote {out}")
+    return 0
+
+
+def _steps(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
+    pts = [(r["step"], r[key]) for r in rows if key in r]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def _plot_rl(plt, run):
+    """Six panels against the step (rnd1/rl/trainer.py logs each of these every step)."""
+    fig, axes = plt.subplots(2, 3, figsize=(14, 7))
+    ax = axes[0][0]
+    x, mean = _steps(run.train, "reward_mean")
+    _, std = _steps(run.train, "reward_std")
+    ax.plot(x, mean, label="reward mean")
+    ax.fill_between(x, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.2,
+                    label="+- std")
+    ax.set(xlabel="step", ylabel="reward", title=f"{run.name}: reward")
+    ax.legend()
+    ax = axes[0][1]
+    ax.plot(*_steps(run.train, "accuracy"), label="rollouts (reward 1)")
+    if run.val:
+        xs, acc = _steps(run.val, "val_accuracy")
+        _, err = _steps(run.val, "val_accuracy_stderr")
+        ax.errorbar(xs, acc, yerr=err or None, fmt="o-", label="held-out, greedy")
+    ax.set(xlabel="step", ylabel="accuracy", title="accuracy")
+    ax.legend()
+    for ax, key, title in ((axes[0][2], "zero_adv_frac", "groups with zero advantage"),
+                           (axes[1][0], "completion_len", "completion length (tokens)"),
+                           (axes[1][1], "rollout_tokens_per_s", "rollout tokens/s"),
+                           (axes[1][2], "rollout_share", "rollouts' share of step time")):
+        ax.plot(*_steps(run.train, key))
+        ax.set(xlabel="step", title=title)
+    return fig
+
+
+def _plot_training(plt, run):
     fig, (ax_loss, ax_lr) = plt.subplots(1, 2, figsize=(11, 4))
     ax_loss.plot(*run.series("loss"), label="train")
     if run.val:
@@ -42,11 +87,7 @@ def main(argv=None) -> int:
         ax_lr.plot(*run.series(key), label=key[3:])
     ax_lr.set(xlabel="tokens", ylabel="learning rate", title="learning rate per group", yscale="log")
     ax_lr.legend()
-    fig.tight_layout()
-    out = Path(args.out) if args.out else Path(args.run) / "metrics.png"
-    fig.savefig(out, dpi=110)
-    print(f"wrote {out}")
-    return 0
+    return fig
 
 
 if __name__ == "__main__":

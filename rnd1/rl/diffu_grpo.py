@@ -59,14 +59,31 @@ def zero_advantage_fraction(rewards: torch.Tensor) -> float:
 
 
 def masked_view(sequences: torch.Tensor, prompt: torch.Tensor, completion: torch.Tensor, mask_id: int,
-                p_mask: float, generator: torch.Generator, objective: Objective) -> torch.Tensor:
+                p_mask: float, generator: "torch.Generator | list[torch.Generator]",
+                objective: Objective) -> torch.Tensor:
     """d1's input: prompt tokens masked with probability ``p_mask`` (never the objective's
     protected positions, nor padding: ``prompt`` is False there), the completion all masked.
-    ``prompt`` / ``completion``: [B, L] bool."""
+    ``prompt`` / ``completion``: [B, L] bool, the row's tokens ending at column L (left padding).
+
+    The draws are row-relative: a row's uniforms run over its own tokens, from its first one,
+    and its own first ``shift`` positions are the protected ones, so a row's mask does not depend
+    on how much padding a longer row in its batch put before it. ``generator``: one, or one per
+    row (the trainer keys each row's by step and rollout, so a resume draws the same masks)."""
     if not 0.0 <= p_mask < 1.0:
         raise ValueError(f"p_mask must be in [0, 1), got {p_mask}")
-    draw = torch.rand(sequences.shape, generator=generator).to(sequences.device) < p_mask
-    protected = objective.protected(sequences.shape[1]).to(sequences.device)
+    B, L = sequences.shape
+    gens = generator if isinstance(generator, (list, tuple)) else [generator] * B
+    row = prompt | completion
+    draw = torch.zeros(B, L, dtype=torch.bool)
+    protected = torch.zeros(B, L, dtype=torch.bool)
+    shift = int(objective.protected(L).sum())  # the objective's first `shift` positions no output predicts
+    for b in range(B):
+        cols = torch.nonzero(row[b].cpu()).flatten()
+        if len(cols):
+            first = int(cols[0])
+            draw[b, first:] = torch.rand(L - first, generator=gens[b]) < p_mask
+            protected[b, first:first + shift] = True
+    draw, protected = draw.to(sequences.device), protected.to(sequences.device)
     hide = (prompt & draw & ~protected) | completion
     return torch.where(hide, torch.full_like(sequences, mask_id), sequences)
 
@@ -75,10 +92,14 @@ def completion_logprobs(model, objective: Objective, view: torch.Tensor, sequenc
                         completion: torch.Tensor, **model_kwargs) -> torch.Tensor:
     """[B, L] float32: log p(sequences[b, k] | view) at completion positions, 0 elsewhere.
     ``model_kwargs`` (doc_ids, positions) isolate left padding as the sampler does."""
-    logits = objective.predictions(model(view, **model_kwargs))
-    logp = torch.zeros(sequences.shape, dtype=torch.float32, device=sequences.device)
     rows, cols = completion.nonzero(as_tuple=True)
-    picked = F.log_softmax(logits[rows, cols].float(), dim=-1)
+    if hasattr(model, "lm_head"):  # the LM head only at the outputs that predict the completion
+        h = model(view, return_hidden=True, **model_kwargs)
+        logits_at = F.linear(h[rows, objective.output_index(cols)], model.lm_head.weight)
+    else:
+        logits_at = objective.predictions(model(view, **model_kwargs))[rows, cols]
+    logp = torch.zeros(sequences.shape, dtype=torch.float32, device=sequences.device)
+    picked = F.log_softmax(logits_at.float(), dim=-1)
     logp[rows, cols] = picked.gather(1, sequences[rows, cols][:, None]).squeeze(1)
     return logp
 

@@ -1,7 +1,8 @@
 """RL task sets: JSONL, one prompt per line, checked whole at start-up.
 
 ``{"prompt": "What is 37 + 48?", "answer": "85"}`` (verifier ``number``, the default), or
-``{"prompt": ..., "tests": "assert f(1) == 2", "verifier": "code"}``. A row the named verifier
+``{"prompt": ..., "tests": "assert f(1) == 2", "verifier": "code"}``, or
+``{"prompt": ..., "pattern": "^\\d+$", "verifier": "regex"}``. A row the named verifier
 cannot score (a missing field, an unknown verifier) is refused before any rollout, with
 ``file:line``; the arithmetic task's held-out file (``question`` / ``answer``) is read as is.
 """
@@ -13,7 +14,7 @@ from pathlib import Path
 from rnd1.data.jsonl import read_jsonl
 from rnd1.rl import verifiers
 
-NEEDS = {"number": ("answer",), "code": ("tests",)}  # fields each built-in verifier reads
+NEEDS = {"number": ("answer",), "code": ("tests",), "regex": ("pattern",)}  # fields each built-in verifier reads
 
 
 class TaskSetError(ValueError):
@@ -39,6 +40,7 @@ def load_prompts(path: str | Path) -> list[dict]:
         missing = [f for f in NEEDS.get(name, ()) if not isinstance(row.get(f), str)]
         if missing:
             raise TaskSetError(f"{path}:{line}: verifier {name!r} needs string field(s) {', '.join(missing)}")
+        row["_where"] = f"{path}:{line}"  # named in a verifier's error on this row's rollouts
         rows.append(row)
     if not rows:
         raise TaskSetError(f"rl task file {path} holds no prompts")

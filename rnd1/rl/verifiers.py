@@ -71,6 +71,14 @@ def code(reply: str, row: dict) -> float:
     return float(result.passed and marker in result.output)
 
 
+@register("regex")
+def regex(reply: str, row: dict) -> float:
+    """1 when the reply (cut at the chat turn's end) matches ``row["pattern"]`` (``re.search``):
+    a format reward (d1 and DeepSeek-R1 reward the answer's layout as well as its value). A
+    pattern that does not compile raises here, on the rollout, and scores 0."""
+    return float(re.search(row["pattern"], reply.split("<|im_end|>")[0]) is not None)
+
+
 @dataclass(frozen=True)
 class Reward:
     value: float
@@ -80,10 +88,12 @@ class Reward:
 def reward(reply: str, row: dict) -> Reward:
     """Score one rollout; a verifier that raises (or returns something outside [0, 1]) scores 0."""
     name = row.get("verifier", "number")
+    where = f"{row['_where']}: " if "_where" in row else ""  # the task file's line (rnd1.rl.tasks)
     try:
         value = float(get(name)(reply, row))
     except Exception as e:  # noqa: BLE001 - any verifier failure is one rollout's 0, counted
-        return Reward(0.0, f"verifier {name!r}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        return Reward(0.0, f"{where}verifier {name!r}: {type(e).__name__}: "
+                           f"{str(e).splitlines()[0] if str(e) else ''}")
     if not 0.0 <= value <= 1.0:
-        return Reward(0.0, f"verifier {name!r}: returned {value}, outside [0, 1]")
+        return Reward(0.0, f"{where}verifier {name!r}: returned {value}, outside [0, 1]")
     return Reward(value)

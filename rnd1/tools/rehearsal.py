@@ -27,6 +27,12 @@ data                   one small byte-level dataset in place of each of the conf
                        chat (SFT) config gets its own chat source tokenised with the byte tokenizer,
                        in windows of 256 tokens (a conversation must fit one)
 block diffusion        the block size as configured; its warm-up schedule's token counts scaled
+RL                     16 prompts of its own, rewarded by the ``regex`` verifier; one prompt per
+                       rank and step, G at most 4, mu at most 2, 16 generated tokens (blocks of 8 when the
+                       config decodes in several blocks). Sampled rollouts move with float noise
+                       (a token drawn at a cumulative-probability boundary flips), so an RL
+                       rehearsal is checked for its exit, finite metrics and checkpoints, not
+                       compared with the reference; ``tests/rl`` compares layouts in fp32
 =====================  ==========================================================================
 
 The reference is the same shrunken run in one process, eager, without expert parallelism: same
@@ -161,6 +167,8 @@ def plan(config: str | Path, *, data: str | Path, pretrained: dict[str, str | Pa
         ov["objective.block_schedule_tokens"] = "[" + ", ".join(map(str, scaled)) + "]"
     if s.base_batch_tokens > 0 and t.global_batch_tokens > 0:
         ov["lr_schedule.base_batch_tokens"] = max(1, round(s.base_batch_tokens * gbt / t.global_batch_tokens))
+    if cfg.rl.enable:
+        ov.update(_rl_overrides(cfg, Path(out), nproc))
     for key in ("eval.interval", "eval.task_interval", "checkpoint.interval"):
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) > 0:
@@ -174,6 +182,32 @@ def plan(config: str | Path, *, data: str | Path, pretrained: dict[str, str | Pa
     bf16 = (nproc > 1 and t.mixed_precision_param == "bfloat16") or t.autocast in ("bfloat16", "auto") \
         or cfg.model.dtype == "bfloat16"
     return Rehearsal(config, preset, nproc, ov, ref, rel_tol=3e-2 if bf16 else 2e-3)
+
+
+RL_PROMPTS = 16
+RL_PATTERN = "^[ -~]"  # the reply starts with printable ASCII: a random byte model earns it about a third of the time
+
+
+def _rl_overrides(cfg: JobConfig, out: Path, nproc: int) -> dict[str, object]:
+    """An RL config's shrunk run: a prompt file of its own, rewarded by the ``regex`` verifier
+    (a tiny random-weight model scores near 0 on arithmetic, and all-zero rewards would leave
+    every advantage 0), one prompt per rank and step, G at most 4, mu at most 2 (the path of
+    mu > 1 still runs), 16 generated tokens in blocks of 8 when the config decodes in more than one
+    block (the cache refresh at a block start still runs)."""
+    r = cfg.rl
+    out.mkdir(parents=True, exist_ok=True)
+    tasks = out / "rl_prompts.jsonl"
+    tasks.write_text("".join(json.dumps({"prompt": f"Say something about {i:02d}.", "pattern": RL_PATTERN,
+                                         "verifier": "regex"}) + "\n" for i in range(RL_PROMPTS)))
+    gen, block = (16, 8) if r.gen_length > r.block_length else (16, 16)
+    ov: dict[str, object] = {"rl.tasks": str(tasks), "rl.prompts_per_step": nproc,
+                             "rl.inner_steps": min(r.inner_steps, 2), "rl.group_size": min(r.group_size, 4),
+                             "rl.gen_length": gen, "rl.block_length": block, "rl.sampler_steps": 0,
+                             "training.global_batch_tokens": 0,
+                             "training.seq_len": 128}  # a chat-template prompt (~90 byte tokens) + 16
+    if r.eval_tasks:
+        ov.update({"rl.eval_tasks": str(tasks), "rl.eval_limit": 4})
+    return ov
 
 
 def _chat_dataset(source: str, out: Path) -> Path:
@@ -230,6 +264,24 @@ def run(config: Path, nproc: int, overrides: dict[str, object], timeout: int = 9
     return RunResult(proc.returncode, losses, proc.stdout + proc.stderr)
 
 
+RL_METRICS = ("reward_mean", "reward_std", "accuracy", "zero_adv_frac", "completion_len", "rollout_tokens_per_s",
+              "rollout_share", "verifier_errors")
+
+
+def check_rl_metrics(run_dir: Path) -> str | None:
+    """None when an RL rehearsal logged every RL metric, finite, at each of its steps."""
+    path = Path(run_dir) / "metrics.jsonl"
+    recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    steps = [r for r in recs if "loss" in r]
+    if len(steps) != STEPS:
+        return f"expected {STEPS} logged RL steps, got {len(steps)}"
+    for r in steps:
+        missing = [k for k in RL_METRICS if not isinstance(r.get(k), (int, float)) or not math.isfinite(r[k])]
+        if missing:
+            return f"step {r['step']}: RL metrics missing or non-finite: {', '.join(missing)}"
+    return None
+
+
 def compare(a: list[float], b: list[float], rel_tol: float) -> str | None:
     """None when the two loss curves agree; otherwise a one-line reason."""
     if len(a) != STEPS or len(b) != STEPS:
@@ -278,6 +330,12 @@ def main(argv: list[str] | None = None) -> int:
         if got.returncode != 0:
             print(f"FAIL {c}: exit {got.returncode} on {r.nproc} processes\n{got.output[-3000:]}")
             failed += 1
+            continue
+        if load_config(c).rl.enable:  # sampled rollouts are not compared (see RL in the table above)
+            why = check_rl_metrics(Path(str(r.overrides["job.dump_folder"])))
+            print(f"{'FAIL' if why else 'ok  '} {c}: {r.nproc} processes (EP {ep}), RL metrics"
+                  + (f": {why}" if why else f" logged, losses {[round(x, 4) for x in got.losses]}"))
+            failed += bool(why)
             continue
         ref = run(r.config, 1, r.reference_overrides)
         why = compare(got.losses, ref.losses, r.rel_tol) if ref.returncode == 0 else \

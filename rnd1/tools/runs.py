@@ -11,12 +11,17 @@ from pathlib import Path
 class RunLog:
     name: str
     train: list[dict] = field(default_factory=list)  # records with "loss"
-    val: list[dict] = field(default_factory=list)  # records with "val_loss"
+    val: list[dict] = field(default_factory=list)  # records with "val_loss" (an RL run: "val_accuracy")
 
     def series(self, key: str, which: str = "train") -> tuple[list[float], list[float]]:
         rows = self.train if which == "train" else self.val
         pts = [(r["tokens"], r[key]) for r in rows if key in r and "tokens" in r]
         return [p[0] for p in pts], [p[1] for p in pts]
+
+    @property
+    def is_rl(self) -> bool:
+        """Written by an RL run (rnd1/rl/trainer.py): its steps log rewards."""
+        return any("reward_mean" in r for r in self.train)
 
     def final(self, key: str, which: str = "train") -> float | None:
         xs, ys = self.series(key, which)
@@ -38,7 +43,7 @@ def read_run(folder: str | Path, name: str | None = None) -> RunLog:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{lineno}: not JSON ({e})") from e
-            if "val_loss" in rec:
+            if "val_loss" in rec or "val_accuracy" in rec:
                 log.val.append(rec)
             elif "loss" in rec:
                 log.train.append(rec)

@@ -41,6 +41,24 @@ def test_masked_view_masks_the_completion_and_some_prompt_tokens():
     nearly_all = masked_view(seq, prompt, completion, 99, 0.99, g, a2d)
     assert torch.equal(nearly_all[1, :3], seq[1, :3]) and torch.equal(nearly_all[:, 0], seq[:, 0])
     assert (nearly_all[prompt] == 99).float().mean() > 0.8
+    assert view[1, 3] == seq[1, 3] and nearly_all[1, 3] == seq[1, 3]  # a padded row's own first token
+
+
+def test_masked_view_is_row_relative():
+    """A row's prompt mask is the same whatever padding a longer row put before it: the draws run
+    over the row's own tokens (a rollout's mask is keyed by step and rollout, not by its batch)."""
+    a2d = get_objective("a2d")
+    row = torch.arange(1, 17)
+    prompt = torch.zeros(16, dtype=torch.bool)
+    prompt[:10] = True
+    masks = []
+    for pad in (0, 5):
+        seq = torch.cat([torch.zeros(pad, dtype=torch.long), row])[None]
+        p = torch.cat([torch.zeros(pad, dtype=torch.bool), prompt])[None]
+        c = torch.cat([torch.zeros(pad, dtype=torch.bool), ~prompt])[None]
+        view = masked_view(seq, p, c, 99, 0.5, [torch.Generator().manual_seed(7)], a2d)
+        masks.append(view[0, pad:])
+    assert torch.equal(masks[0], masks[1]) and (masks[0][:10] == 99).any()
 
 
 def test_completion_logprobs_read_the_a2d_shift():
