@@ -5,10 +5,12 @@ length, each scored on the held-out arithmetic questions.
     python scripts/bench_sampler.py --checkpoint outputs/task/sft_long/checkpoint --out bench_sampler/
     python scripts/bench_sampler.py --checkpoint CKPT --gen-lengths 256 --settings none/fixed dual/factor
 
-Settings are ``CACHE/RULE``: CACHE in none, prefix, dual (``rnd1.model.kv_cache``); RULE in
+Settings are ``CACHE/RULE[/K]``: CACHE in none, prefix, dual (``rnd1.model.kv_cache``); RULE in
 ``fixed`` (one token per forward: ``steps`` = gen length, today's sampler when CACHE is none),
 ``threshold`` (commit every position with confidence > ``--threshold``) or ``factor``
-(Fast-dLLM's factor rule with ``--factor``). Semi-autoregressive blocks of ``--block-length``;
+(Fast-dLLM's factor rule with ``--factor``); K, for a cached setting, recomputes the cache every
+K steps within a block as well as at its start (``cache_refresh``; 0, the default: only at block
+starts). Semi-autoregressive blocks of ``--block-length``;
 greedy; a row stops at EOS. Per (gen length, setting) the table gives tokens/s, tokens per
 forward, accuracy with its standard error over ``--limit`` questions, and the speed-up and
 accuracy change against ``none/fixed`` of the same gen length (measured in the same run), the
@@ -40,17 +42,23 @@ RULES = ("fixed", "threshold", "factor")
 BASELINE = "none/fixed"
 
 
-def parse_setting(text: str) -> tuple[str, str]:
-    cache, _, rule = text.partition("/")
-    if cache not in CACHES or rule not in RULES:
-        raise argparse.ArgumentTypeError(f"setting {text!r}: expected CACHE/RULE with CACHE in {', '.join(CACHES)} "
-                                         f"and RULE in {', '.join(RULES)}")
-    return cache, rule
+def parse_setting(text: str) -> str:
+    """``CACHE/RULE`` or ``CACHE/RULE/K`` (K >= 1, a cached CACHE only), returned as written."""
+    cache, rule, *refresh = text.split("/")
+    ok = cache in CACHES and rule in RULES and len(refresh) <= 1
+    if ok and refresh:
+        ok = cache != "none" and refresh[0].isdigit() and int(refresh[0]) >= 1
+    if not ok:
+        raise argparse.ArgumentTypeError(f"setting {text!r}: expected CACHE/RULE or CACHE/RULE/K with CACHE in "
+                                         f"{', '.join(CACHES)}, RULE in {', '.join(RULES)} and K >= 1 a cache "
+                                         "refresh interval (prefix or dual only)")
+    return text
 
 
-def settings_for(cache: str, rule: str, gen_length: int, args) -> dict:
+def settings_for(setting: str, gen_length: int, args) -> dict:
+    cache, rule, *refresh = setting.split("/")
     return {"gen_length": gen_length, "steps": gen_length, "block_length": min(args.block_length, gen_length),
-            "strategy": "confidence", "kv_cache": cache, "cache_refresh": 0,
+            "strategy": "confidence", "kv_cache": cache, "cache_refresh": int(refresh[0]) if refresh else 0,
             "threshold": args.threshold if rule == "threshold" else None,
             "factor": args.factor if rule == "factor" else None, "temperature": 0.0}
 
@@ -100,7 +108,7 @@ def main(argv=None) -> int:
     ap.add_argument("--limit", type=int, default=500)
     ap.add_argument("--gen-lengths", type=int, nargs="+", default=[64, 256, 1024])
     ap.add_argument("--settings", type=parse_setting, nargs="+",
-                    default=[(c, r) for c in CACHES for r in RULES])
+                    default=[f"{c}/{r}" for c in CACHES for r in RULES])
     ap.add_argument("--block-length", type=int, default=32)
     ap.add_argument("--threshold", type=float, default=0.9)
     ap.add_argument("--factor", type=float, default=1.0)
@@ -123,9 +131,9 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     settings = list(dict.fromkeys(args.settings))
-    if ("none", "fixed") in settings:  # the baseline first, so every later line can compare with it
-        settings.remove(("none", "fixed"))
-        settings.insert(0, ("none", "fixed"))
+    if BASELINE in settings:  # the baseline first, so every later line can compare with it
+        settings.remove(BASELINE)
+        settings.insert(0, BASELINE)
     torch.manual_seed(args.seed)
     record = evaluation_record(model=model, checkpoint=args.checkpoint,
                                sampler={"block_length": args.block_length, "threshold": args.threshold,
@@ -153,11 +161,10 @@ def main(argv=None) -> int:
           f"{'d acc (paired)':>12} {'seconds':>8}")
     for G in args.gen_lengths:
         base = None
-        for cache, rule in settings:
-            s = settings_for(cache, rule, G, args)
+        for name in settings:
+            s = settings_for(name, G, args)
             evaluate(model, tok, rows[:args.batch_size], s, batch_size=args.batch_size, seed=args.seed)  # warm-up
             r = evaluate(model, tok, rows, s, batch_size=args.batch_size, seed=args.seed)
-            name = f"{cache}/{rule}"
             r["correct"] = "".join("1" if x["correct"] else "0" for x in r["replies"])  # per question, in order
             if name == BASELINE:
                 base = r

@@ -116,13 +116,17 @@ def test_bench_sampler_table_json_and_frontier(checkpoint, task, tmp_path, capsy
     q = _questions(tmp_path, task, 4)
     rc = bench.main(["--checkpoint", str(checkpoint), "--questions", str(q), "--gen-lengths", "16", "24",
                      "--block-length", "8", "--settings", "dual/factor", "none/fixed", "prefix/threshold",
-                     "--out", str(tmp_path / "bench")])
+                     "dual/threshold/1", "none/threshold", "--out", str(tmp_path / "bench")])
     assert rc == 0
     out = capsys.readouterr().out
     assert "CPU" in out and out.count("none/fixed") == 2
     res = json.loads((tmp_path / "bench" / "results.json").read_text())
     rows = res["results"]
-    assert [r["setting"] for r in rows] == ["none/fixed", "dual/factor", "prefix/threshold"] * 2
+    assert [r["setting"] for r in rows] == ["none/fixed", "dual/factor", "prefix/threshold", "dual/threshold/1",
+                                            "none/threshold"] * 2
+    assert rows[3]["sampler"]["cache_refresh"] == 1 and rows[2]["sampler"]["cache_refresh"] == 0
+    for cached, uncached in zip(rows[3::5], rows[4::5]):  # a dual cache refreshed every step is exact
+        assert cached["correct"] == uncached["correct"] and cached["nfe"] == uncached["nfe"]
     base = rows[0]
     assert base["speedup"] == 1.0 and base["accuracy_change"] == 0.0
     assert base["nfe"] <= 16 and base["tokens_per_forward"] <= 1.0  # one token per forward at most
@@ -159,10 +163,12 @@ def test_bench_sampler_appends_a_gen_length_measured_whole(checkpoint, task, tmp
     assert capsys.readouterr().err.count("\n") == 1
 
 
-def test_bench_sampler_refuses_an_unknown_setting(checkpoint, capsys):
+@pytest.mark.parametrize("setting", ["full/fixed", "none/fixed/2", "dual/threshold/0", "dual/threshold/x",
+                                     "dual/threshold/2/2"])
+def test_bench_sampler_refuses_an_unknown_setting(checkpoint, capsys, setting):
     bench = _script("bench_sampler")
     with pytest.raises(SystemExit) as e:
-        bench.main(["--checkpoint", str(checkpoint), "--settings", "full/fixed"])
+        bench.main(["--checkpoint", str(checkpoint), "--settings", setting])
     assert e.value.code == 2 and "expected CACHE/RULE" in capsys.readouterr().err
 
 
