@@ -140,16 +140,17 @@ def _layout(prompts, suffixes, gen_length, mask_id, pad_id):
 
 
 CACHE_MODES = ("none", "prefix", "dual")
-# What scripts/generate.py and the lm-eval adapter sample with unless told otherwise: the fastest
-# setting of scripts/bench_sampler.py's sweep that kept held-out accuracy within 2 points of
-# today's sampler (one token per forward, no cache) on the task model (docs/sampling.md, 500
-# questions each, 2026-12-07): dual cache + the confidence threshold 0.9 + blocks of 32, 14.4x /
-# 20.6x at gen lengths 64 / 256 (+1.4 / +2.8 points). At 1,024 it is 26.2x but loses 4.0 points on
-# that model; there only the uncached threshold rule kept the bound (4.9x). The threshold rule
-# also held on the previous task model, where the factor rule lost 4-6 points.
-# A block-diffusion model keeps its exact cache of committed blocks and its own block size.
-# diffusion_generate's own defaults stay the exact ones.
-FAST_DEFAULTS = {"kv_cache": "dual", "threshold": 0.9, "factor": None, "block_length": 32}
+# What scripts/generate.py and the lm-eval adapter sample with unless told otherwise, measured by
+# scripts/bench_sampler.py against today's sampler (one token per forward, no cache) on the task
+# model (docs/sampling.md, 500 questions each, 2026-12-07): dual cache + the confidence threshold
+# 0.9 + blocks of 32 + DPad's suffix window of 32: 14.3x / 37.7x / 247x at gen lengths 64 / 256 /
+# 1,024, accuracy +1.4 / +4.4 / +18.0 points (without the window the dual cache lost 4.0 points
+# at 1,024: the long masked suffix costs this model accuracy). The factor rule with the same
+# cache and window was 6-9% faster there and within the bound too, but on the previous task model
+# it lost 4-6 points where the threshold rule held: the default is the fastest setting that kept
+# the bound on both. A block-diffusion model keeps its exact cache of committed blocks and its own
+# block size, and no window. diffusion_generate's own defaults stay the exact ones.
+FAST_DEFAULTS = {"kv_cache": "dual", "threshold": 0.9, "factor": None, "block_length": 32, "suffix_window": 32}
 
 
 def parallel_rule(threshold: float | None = None, factor: float | None = None, *,
@@ -179,7 +180,7 @@ def diffusion_generate(model, prompts: list[list[int]], *, gen_length: int, step
                        top_k: int = 0, top_p: float = 1.0, eos_id: int | None = None,
                        suffixes: list[list[int]] | None = None, generator: torch.Generator | None = None,
                        pad_id: int | None = None, vocab_limit: int | None = None,
-                       kv_cache: "bool | str | None" = None, cache_refresh: int = 0,
+                       kv_cache: "bool | str | None" = None, cache_refresh: int = 0, suffix_window: int = 0,
                        sync=None) -> GenerationOutput:
     """Sample ``gen_length`` tokens after each prompt (see the module docstring).
 
@@ -198,6 +199,16 @@ def diffusion_generate(model, prompts: list[list[int]], *, gen_length: int, step
 
     ``threshold`` and ``factor`` are the parallel decoding rules (``_choose``); with either,
     ``steps`` bounds the forwards per block rather than fixing them.
+
+    ``suffix_window`` (A2D / MDLM, > 0): DPad's sliding window (Chen et al. 2025, "DPad: Efficient
+    Diffusion Language Models with Suffix Dropout", arXiv:2508.14148, section 4.1): while a block
+    decodes, the model sees the prompt, the blocks before it, the block, and only the next
+    ``suffix_window`` masked positions; the masked positions beyond are left out of every
+    forward (cache or not) until the window reaches them. They are all mask tokens, whose
+    outputs are discarded anyway: DPad finds that attention to them decays with distance and that
+    a short window of them keeps accuracy. It is an approximation (the model no longer sees how
+    much room is left beyond the window); 0, the default, keeps the whole masked suffix.
+    DPad's second part, distance-decay dropout of positions inside the window, is not built.
 
     ``generator``: one ``torch.Generator`` for the batch, or a list of one per row; with a list,
     each row draws its samples from its own generator, and only at the steps it is still decoding,
@@ -218,6 +229,11 @@ def diffusion_generate(model, prompts: list[list[int]], *, gen_length: int, step
         raise ValueError(f"factor must be > 0, got {factor}")
     if cache_refresh < 0:
         raise ValueError(f"cache_refresh must be >= 0, got {cache_refresh}")
+    if suffix_window < 0:
+        raise ValueError(f"suffix_window must be >= 0 (0: the whole masked suffix), got {suffix_window}")
+    if suffix_window and suffixes and any(suffixes):
+        raise ValueError("suffix_window leaves out what follows the window, which with suffixes (infilling) would "
+                         "include the suffix text: give one or the other")
     objective = get_objective(objective)
     if not objective.masks:
         raise ValueError(f"objective {objective.name!r} does not mask: diffusion sampling needs a diffusion "
@@ -241,8 +257,12 @@ def diffusion_generate(model, prompts: list[list[int]], *, gen_length: int, step
             if mode == "dual":
                 raise ValueError(f"{objective.name} attends block-causally: no later block is ever read, so there "
                                  f"is no suffix to cache (kv_cache 'prefix' or 'none')")
+            if suffix_window:
+                raise ValueError(f"{objective.name} attends block-causally: no later block is ever read, so there "
+                                 f"is no suffix to window (suffix_window 0)")
             return _block_generate(model, prompts, kv_cache=mode == "prefix", **kw)
-        return _semi_ar_generate(model, prompts, cache=mode, cache_refresh=cache_refresh, sync=sync, **kw)
+        return _semi_ar_generate(model, prompts, cache=mode, cache_refresh=cache_refresh,
+                                 suffix_window=suffix_window, sync=sync, **kw)
 
 
 @contextmanager
@@ -264,14 +284,16 @@ def _attention_of(model, objective):
 
 def _semi_ar_generate(model, prompts, *, gen_length, steps, mask_id, objective, block_length, strategy, threshold,
                       factor, temperature, top_k, top_p, eos_id, suffixes, generator, pad_id, vocab_limit, cache,
-                      cache_refresh, sync=None) -> GenerationOutput:
+                      cache_refresh, suffix_window=0, sync=None) -> GenerationOutput:
     """A2D / MDLM sampling over the whole sequence, ``block_length`` positions at a time.
 
     Every forward is either *full* (the whole sequence; with a cache it also refreshes it) or,
     with ``cache`` "prefix" / "dual", a *window* (``SequenceKVCache``): the columns from the block's
     first read output (A2D reads position j from output j - 1, so the window starts one column
     before the block) to the end of the sequence (prefix) or of the block (dual). The logits are
-    computed only at the outputs that predict the block (``_outputs_at``)."""
+    computed only at the outputs that predict the block (``_outputs_at``). With ``suffix_window``
+    W > 0, "the sequence" of a block is its columns up to W past the block's end (DPad's window):
+    the cache is refreshed over those columns at each block start, so it slides with the window."""
     from rnd1.model.kv_cache import SequenceKVCache
 
     block_length = block_length or gen_length
@@ -302,6 +324,11 @@ def _semi_ar_generate(model, prompts, *, gen_length, steps, mask_id, objective, 
         blk_steps = steps_left // (n_blocks - blk)
         steps_left -= blk_steps
         n_block = hi - lo
+        # the columns this block's forwards see: all, or up to suffix_window past the block (the
+        # region starts at one column in every row when suffix_window is set: no suffixes)
+        end = L if not suffix_window else min(L, max(starts) + hi + suffix_window)
+        xs, docs, poss = x[:, :end], doc_ids[:, :end], positions[:, :end]  # views: commits to x show in xs
+        keys = None if key_mask is None else key_mask[..., :end]
         for s in range(blk_steps):
             pos = region[:, lo:hi]
             still = (x[rows, pos] == mask_id) & ~done[:, None]
@@ -311,14 +338,14 @@ def _semi_ar_generate(model, prompts, *, gen_length, steps, mask_id, objective, 
             full = kv is None or s == 0 or (cache_refresh > 0 and s % cache_refresh == 0)
             if full:
                 with kv.refreshing() if kv is not None else _nothing():
-                    lg = _outputs_at(model, x, None, doc_ids=doc_ids, positions=positions,
+                    lg = _outputs_at(model, xs, None, doc_ids=docs, positions=poss,
                                      kv_cache=kv, rows=read)
             else:
                 a = int(read.min())
-                b = L if cache == "prefix" else int(pos.max()) + 1
-                mask = None if key_mask is None else Explicit(key_mask.expand(B, 1, b - a, L))
+                b = end if cache == "prefix" else int(pos.max()) + 1
+                mask = None if keys is None else Explicit(keys.expand(B, 1, b - a, end))
                 with kv.window(a):
-                    lg = _outputs_at(model, x[:, a:b], None, positions=positions[:, a:b], attn_mask=mask,
+                    lg = _outputs_at(model, xs[:, a:b], None, positions=poss[:, a:b], attn_mask=mask,
                                      kv_cache=kv, rows=read - a)
             nfe += 1
             for b_ in torch.nonzero(still.any(1)).flatten().tolist():

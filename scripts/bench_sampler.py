@@ -5,12 +5,13 @@ length, each scored on the held-out arithmetic questions.
     python scripts/bench_sampler.py --checkpoint outputs/task/sft_long/checkpoint --out bench_sampler/
     python scripts/bench_sampler.py --checkpoint CKPT --gen-lengths 256 --settings none/fixed dual/factor
 
-Settings are ``CACHE/RULE[/K]``: CACHE in none, prefix, dual (``rnd1.model.kv_cache``); RULE in
+Settings are ``CACHE/RULE[/K][/wW]``: CACHE in none, prefix, dual (``rnd1.model.kv_cache``); RULE in
 ``fixed`` (one token per forward: ``steps`` = gen length, today's sampler when CACHE is none),
 ``threshold`` (commit every position with confidence > ``--threshold``) or ``factor``
 (Fast-dLLM's factor rule with ``--factor``); K, for a cached setting, recomputes the cache every
 K steps within a block as well as at its start (``cache_refresh``; 0, the default: only at block
-starts). Semi-autoregressive blocks of ``--block-length``;
+starts); W forwards only W masked positions past the block (DPad's sliding window,
+``suffix_window``; none: all of them). Semi-autoregressive blocks of ``--block-length``;
 greedy; a row stops at EOS. Per (gen length, setting) the table gives tokens/s, tokens per
 forward, accuracy with its standard error over ``--limit`` questions, and the speed-up and
 accuracy change against ``none/fixed`` of the same gen length (measured in the same run), the
@@ -42,23 +43,35 @@ RULES = ("fixed", "threshold", "factor")
 BASELINE = "none/fixed"
 
 
+def _parts(text: str) -> "tuple[str, str, int, int] | None":
+    """``CACHE/RULE[/K][/wW]`` -> (cache, rule, cache refresh K, suffix window W), or None."""
+    cache, _, rest = text.partition("/")
+    rule, *extra = rest.split("/")
+    refresh = window = 0
+    for part in extra:
+        if part.isdigit() and int(part) >= 1 and not refresh and not window and cache != "none":
+            refresh = int(part)
+        elif part[:1] == "w" and part[1:].isdigit() and int(part[1:]) >= 1 and not window:
+            window = int(part[1:])
+        else:
+            return None
+    return (cache, rule, refresh, window) if cache in CACHES and rule in RULES else None
+
+
 def parse_setting(text: str) -> str:
-    """``CACHE/RULE`` or ``CACHE/RULE/K`` (K >= 1, a cached CACHE only), returned as written."""
-    cache, rule, *refresh = text.split("/")
-    ok = cache in CACHES and rule in RULES and len(refresh) <= 1
-    if ok and refresh:
-        ok = cache != "none" and refresh[0].isdigit() and int(refresh[0]) >= 1
-    if not ok:
-        raise argparse.ArgumentTypeError(f"setting {text!r}: expected CACHE/RULE or CACHE/RULE/K with CACHE in "
-                                         f"{', '.join(CACHES)}, RULE in {', '.join(RULES)} and K >= 1 a cache "
-                                         "refresh interval (prefix or dual only)")
+    """A setting as written, once it parses (``_parts``)."""
+    if _parts(text) is None:
+        raise argparse.ArgumentTypeError(f"setting {text!r}: expected CACHE/RULE, then optionally /K (K >= 1: "
+                                         f"refresh the cache every K steps; prefix or dual only) and /wW (W >= 1: "
+                                         f"DPad's suffix window), with CACHE in {', '.join(CACHES)} and RULE in "
+                                         f"{', '.join(RULES)}")
     return text
 
 
 def settings_for(setting: str, gen_length: int, args) -> dict:
-    cache, rule, *refresh = setting.split("/")
+    cache, rule, refresh, window = _parts(setting)
     return {"gen_length": gen_length, "steps": gen_length, "block_length": min(args.block_length, gen_length),
-            "strategy": "confidence", "kv_cache": cache, "cache_refresh": int(refresh[0]) if refresh else 0,
+            "strategy": "confidence", "kv_cache": cache, "cache_refresh": refresh, "suffix_window": window,
             "threshold": args.threshold if rule == "threshold" else None,
             "factor": args.factor if rule == "factor" else None, "temperature": 0.0}
 

@@ -30,6 +30,12 @@ METRIC_ORDER = ("acc_norm,none", "acc,none", "exact_match,strict-match", "exact_
                 "exact_match,none", "pass_at_1,none", "pass@1,none")
 
 
+def _window(text: str) -> str:
+    if text != "auto" and not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected auto or a count >= 0")
+    return text
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True)
@@ -44,6 +50,9 @@ def main(argv=None) -> int:
     ap.add_argument("--gen-steps", type=int, default=64)
     ap.add_argument("--kv-cache", default="auto", choices=["auto", "none", "prefix", "dual"],
                     help="sampler cache (default auto: dual, block models their exact cache; docs/sampling.md)")
+    ap.add_argument("--suffix-window", default="auto", type=_window,
+                    help="DPad's window: masked positions past the block a forward sees (default auto: 32, block "
+                         "models 0; 0: all)")
     rule = ap.add_mutually_exclusive_group()
     rule.add_argument("--threshold", type=float, help="parallel decoding: confidence threshold (the default, 0.9)")
     rule.add_argument("--factor", type=float, help="parallel decoding: Fast-dLLM's factor rule (e.g. 1.0)")
@@ -70,7 +79,7 @@ def main(argv=None) -> int:
     lm = RND1HarnessLM(checkpoint=args.checkpoint, tokenizer=args.tokenizer, model=args.model,
                        objective=args.objective, mc_samples=args.mc_samples, gen_steps=args.gen_steps,
                        kv_cache=args.kv_cache, factor=args.factor, seed=args.seed, threshold=args.threshold,
-                       parallel=not args.no_parallel)
+                       parallel=not args.no_parallel, suffix_window=args.suffix_window)
     tm = TaskManager(include_path=args.include_path) if args.include_path else TaskManager()
     scores, raw = {}, {}
     for task, shots in tasks:

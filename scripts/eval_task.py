@@ -33,6 +33,8 @@ def add_sampler_args(ap: argparse.ArgumentParser, *, gen_length: int = 64) -> No
     ap.add_argument("--strategy", choices=STRATEGIES, default="confidence")
     ap.add_argument("--kv-cache", choices=CACHE_MODES, default="none")
     ap.add_argument("--cache-refresh", type=int, default=0, help="also refresh the cache every N steps in a block")
+    ap.add_argument("--suffix-window", type=int, default=0,
+                    help="DPad's window: forward only N masked positions past the block (0: all)")
     rule = ap.add_mutually_exclusive_group()
     rule.add_argument("--threshold", type=float, help="parallel decoding: commit every position above it")
     rule.add_argument("--factor", type=float, help="parallel decoding: Fast-dLLM's factor rule")
@@ -41,7 +43,8 @@ def add_sampler_args(ap: argparse.ArgumentParser, *, gen_length: int = 64) -> No
 def sampler_settings(args) -> dict:
     return {"gen_length": args.gen_length, "steps": args.steps or args.gen_length,
             "block_length": min(args.block_length, args.gen_length), "strategy": args.strategy,
-            "kv_cache": args.kv_cache, "cache_refresh": args.cache_refresh, "threshold": args.threshold,
+            "kv_cache": args.kv_cache, "cache_refresh": args.cache_refresh,
+            "suffix_window": args.suffix_window, "threshold": args.threshold,
             "factor": args.factor, "temperature": 0.0}
 
 

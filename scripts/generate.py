@@ -16,11 +16,12 @@ records, else --block-size.
 A2D / MDLM models decode semi-autoregressively (--block-length); --kv-cache prefix | dual are
 Fast-dLLM's approximate caches (refreshed at every block start and every --cache-refresh steps),
 --threshold / --factor the parallel decoding rules (several tokens per forward; --steps then
-bounds the forwards). The defaults are the fastest setting that kept accuracy within 2 points
-of one token per forward without a cache on the task model at gen lengths 64 and 256
-(rnd1.generate.FAST_DEFAULTS: dual cache, confidence threshold 0.9, blocks of 32; at 1,024 it
-lost 4 points there, and --kv-cache none kept the bound: docs/sampling.md); --kv-cache none
---no-parallel --steps N is today's exact sampler.
+bounds the forwards), --suffix-window N DPad's window (only N masked positions past the block
+are forwarded). The defaults kept accuracy within 2 points of one token per forward without a
+cache on the task model at gen lengths 64, 256 and 1,024, the fastest setting that did on both
+task models measured (rnd1.generate.FAST_DEFAULTS: dual cache, confidence threshold 0.9, blocks
+of 32, suffix window 32: docs/sampling.md); --kv-cache none --no-parallel --suffix-window 0
+--steps N is today's exact sampler.
 
 Loads a DCP checkpoint (step folder or checkpoint root; --model names the preset or a HF
 config) or a Hugging Face folder. Prints the samples, the number of forward passes (NFE) and
@@ -56,6 +57,9 @@ def main(argv=None) -> int:
     ap.add_argument("--kv-cache", choices=CACHE_MODES, default=None,
                     help="none | prefix | dual (default: dual; block models: their exact cache of committed blocks)")
     ap.add_argument("--cache-refresh", type=int, default=0, help="A2D/MDLM caches: also refresh every N steps")
+    ap.add_argument("--suffix-window", type=int, default=None,
+                    help="A2D/MDLM: forward only N masked positions past the block (DPad's window; 0: all; "
+                         f"default {FAST_DEFAULTS['suffix_window']})")
     ap.add_argument("--objective", choices=list(OBJECTIVES), default="",
                     help="how to read the model (default: the one a trainer checkpoint records, else a2d)")
     ap.add_argument("--gen-length", type=int, default=64)
@@ -65,7 +69,7 @@ def main(argv=None) -> int:
     ap.add_argument("--strategy", choices=STRATEGIES, default="confidence")
     rule = ap.add_mutually_exclusive_group()
     rule.add_argument("--no-parallel", action="store_true",
-                      help="commit a fixed number per step (gen length / steps) instead of the default factor rule")
+                      help="commit a fixed number per step (gen length / steps) instead of the default threshold rule")
     rule.add_argument("--threshold", type=float,
                       help=f"parallel decoding: commit every position above it (the default, {FAST_DEFAULTS['threshold']})")
     rule.add_argument("--factor", type=float,
@@ -93,7 +97,11 @@ def main(argv=None) -> int:
         runs.append((args.chat, ids, im_end if im_end is not None else tok.eos_id, True))
     nfe, cache_nfe, n_tokens, seconds = 0, 0, 0, 0.0
     for texts, prompts, stop, chat in runs:
-        out = _generate(model, prompts, objective, args, tok, stop)
+        try:
+            out = _generate(model, prompts, objective, args, tok, stop)
+        except ValueError as e:  # a sampler setting this model cannot take (e.g. a suffix window on block diffusion)
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         nfe, cache_nfe, seconds = nfe + out.nfe, cache_nfe + out.cache_nfe, seconds + out.seconds
         n_tokens += sum(len(t) for t in out.tokens)
         for p, t in zip(texts, out.tokens):
@@ -119,12 +127,14 @@ def _generate(model, prompts, objective, args, tok, stop):
     threshold, factor = parallel_rule(args.threshold, args.factor, parallel=not args.no_parallel)
     kv_cache = "none" if args.no_kv_cache else (args.kv_cache or fast_kv_cache(objective))
     block_length = args.block_length or (None if block_model else min(FAST_DEFAULTS["block_length"], args.gen_length))
+    window = args.suffix_window if args.suffix_window is not None else (0 if block_model else
+                                                                          FAST_DEFAULTS["suffix_window"])
     return diffusion_generate(
         model, prompts, gen_length=args.gen_length, steps=args.steps or args.gen_length,
         mask_id=model.config.mask_token_id, objective=objective, block_length=block_length, strategy=args.strategy,
         threshold=threshold, factor=factor, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         eos_id=stop, generator=torch.Generator().manual_seed(args.seed), vocab_limit=tok.vocab_size,
-        kv_cache=kv_cache, cache_refresh=args.cache_refresh)
+        kv_cache=kv_cache, cache_refresh=args.cache_refresh, suffix_window=window)
 
 
 def _answer(tokens: list[int], stops: set) -> list[int]:

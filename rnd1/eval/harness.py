@@ -12,12 +12,12 @@ Scoring: ``loglikelihood`` uses the Monte Carlo ELBO for diffusion models (``mc_
 per request, low-discrepancy t, only continuation tokens masked) and the exact sum for AR
 checkpoints; ``generate_until`` uses the diffusion sampler (batched, ragged prompts) and cuts at
 the stop strings, with the sampler settings given as model args (``kv_cache``, ``cache_refresh``,
-``threshold``, ``factor``, ``parallel``, ``block_length``, ``gen_steps``, ``strategy``). The defaults
-are ``rnd1.generate.FAST_DEFAULTS`` (dual cache, confidence threshold 0.9, blocks of 32: the
-fastest setting that kept accuracy within 2 points of uncached one-token-per-forward sampling on
-the task model at gen lengths 64 and 256; at 1,024 it lost 4 points there, docs/sampling.md);
-``factor=1.0`` switches to the factor rule and ``kv_cache=none,parallel=False`` is the exact
-sampler.
+``suffix_window``, ``threshold``, ``factor``, ``parallel``, ``block_length``, ``gen_steps``, ``strategy``). The defaults
+are ``rnd1.generate.FAST_DEFAULTS`` (dual cache, confidence threshold 0.9, blocks of 32, DPad's
+suffix window of 32: within 2 points of uncached one-token-per-forward sampling on the task model
+at gen lengths 64, 256 and 1,024, the fastest setting that was on both task models measured,
+docs/sampling.md); ``factor=1.0`` switches to the factor rule and
+``kv_cache=none,parallel=False,suffix_window=0`` is the exact sampler.
 
 Every result carries the record of what produced it (``rnd1.eval.record``): lm_eval puts
 ``get_model_info()`` into its results' ``config``, so the CLI's output JSON holds the sampler
@@ -40,7 +40,7 @@ from rnd1.data.tokenizer import load_tokenizer
 from rnd1.checkpoint.load import load_for_inference, recorded_objective
 from rnd1.diffusion.objective import get_objective
 from rnd1.eval.likelihood import ar_loglikelihood, elbo_loglikelihood
-from rnd1.generate import ar_generate, diffusion_generate, fast_kv_cache, parallel_rule
+from rnd1.generate import FAST_DEFAULTS, ar_generate, diffusion_generate, fast_kv_cache, parallel_rule
 
 
 @register_model("rnd1")
@@ -49,7 +49,7 @@ class RND1HarnessLM(LM):
                  mc_samples: int = 32, gen_length: int = 128, gen_steps: int = 64, block_length: int = 32,
                  strategy: str = "confidence", batch_size: int | str = 8, seed: int = 0, lm=None,
                  kv_cache: str = "auto", cache_refresh: int = 0, threshold: float | None = None,
-                 factor: float | None = None, parallel: bool | str = True, **_):
+                 factor: float | None = None, parallel: bool | str = True, suffix_window: int | str = "auto", **_):
         super().__init__()
         self.tok = load_tokenizer(tokenizer)
         if lm is None:
@@ -67,6 +67,13 @@ class RND1HarnessLM(LM):
         self.seed, self.checkpoint = int(seed), checkpoint
         self.kv_cache = fast_kv_cache(self.objective) if kv_cache == "auto" else str(kv_cache)
         self.cache_refresh = int(cache_refresh)
+        block_model = getattr(self.objective, "block_size", None) is not None
+        if str(suffix_window) == "auto":
+            self.suffix_window = 0 if block_model else FAST_DEFAULTS["suffix_window"]
+        elif str(suffix_window).isdigit():
+            self.suffix_window = int(suffix_window)
+        else:
+            raise ValueError(f"suffix_window {suffix_window!r}: expected auto or a count >= 0 (0: the whole suffix)")
         # model args arrive as strings: "None" / "" is no value, "False" / "0" / "no" turns parallel off
         self.threshold, self.factor = parallel_rule(
             None if threshold in (None, "", "None") else float(threshold),
@@ -76,7 +83,7 @@ class RND1HarnessLM(LM):
     def sampler_settings(self) -> dict:
         return {"gen_length": self.gen_length, "gen_steps": self.gen_steps, "block_length": self.block_length,
                 "strategy": self.strategy, "kv_cache": self.kv_cache, "cache_refresh": self.cache_refresh,
-                "threshold": self.threshold, "factor": self.factor, "temperature": 0.0,
+                "suffix_window": self.suffix_window, "threshold": self.threshold, "factor": self.factor, "temperature": 0.0,
                 "mc_samples": self.mc_samples, "objective": self.objective.name}
 
     def get_model_info(self) -> dict:
@@ -122,7 +129,7 @@ class RND1HarnessLM(LM):
                                          objective=self.objective, block_length=block, strategy=self.strategy,
                                          eos_id=self.tok.eos_id, generator=self.gen, vocab_limit=self.tok.vocab_size,
                                          kv_cache=self.kv_cache, cache_refresh=self.cache_refresh,
-                                         threshold=self.threshold, factor=self.factor)
+                                         suffix_window=self.suffix_window, threshold=self.threshold, factor=self.factor)
             for toks, k in zip(res.tokens, kwargs):
                 text = self.tok.decode([t for t in toks if t != self.tok.eos_id])
                 until = k.get("until") or []

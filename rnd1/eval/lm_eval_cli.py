@@ -14,8 +14,8 @@ USAGE = ("rnd1-lm-eval: lm_eval's command line with --model rnd1 registered, e.g
          "  rnd1-lm-eval --model rnd1 --model_args checkpoint=outputs/run/checkpoint,tokenizer=byte "
          "--tasks arc_easy\n"
          "model args (rnd1/eval/harness.py): checkpoint, tokenizer, model, objective, mc_samples, gen_length, "
-         "gen_steps, block_length, strategy, kv_cache, cache_refresh, threshold, factor, parallel, batch_size, "
-         "seed.\n"
+         "gen_steps, block_length, strategy, kv_cache, cache_refresh, suffix_window, threshold, factor, parallel, "
+         "batch_size, seed.\n"
          "lm_eval's own options follow.\n")
 
 

@@ -7,7 +7,9 @@ parallel decoding rules:
 - refreshing at every step gives exactly the uncached tokens;
 - cached windows forward fewer queries; stale caches are an approximation, so no exactness is
   claimed for them beyond finishing without a mask token left;
-- the factor rule commits the prefix of confidences with (n + 1)(1 - c_n) < f, at least one."""
+- the factor rule commits the prefix of confidences with (n + 1)(1 - c_n) < f, at least one;
+- DPad's suffix window forwards W masked columns past the block, no more; a window past the
+  sequence's end changes nothing, and under it too, refreshing every step is exact."""
 
 import pytest
 import torch
@@ -108,6 +110,49 @@ def test_refresh_interval(model):
     rec = Recorder(model)
     diffusion_generate(rec, [[5, 6, 7]], objective="mdlm", kv_cache="dual", cache_refresh=2, **KW)
     assert rec.queries == [15, 4, 15, 4] * 3
+
+
+def test_the_suffix_window_forwards_only_w_masked_positions_past_the_block(model):
+    """DPad's sliding window: uncached, block k's forwards see the prompt, blocks 0..k and W more
+    columns (never past the sequence); with the dual cache the block starts (refreshes) do."""
+    prompt = [5, 6, 7, 8, 9, 10, 11]
+    for cache, per_step in (("none", None), ("dual", 4 + 1)):
+        rec = Recorder(model)
+        out = diffusion_generate(rec, [prompt], objective="a2d", kv_cache=cache, suffix_window=3, **KW)
+        assert MASK not in out.tokens[0] and len(rec.queries) == 12
+        for blk in range(3):
+            steps = rec.queries[blk * 4:(blk + 1) * 4]
+            assert steps[0] == min(len(prompt) + 12, len(prompt) + 4 * (blk + 1) + 3)
+            assert steps[1:] == [per_step or steps[0]] * 3
+
+
+@pytest.mark.parametrize("cache", ["none", "prefix", "dual"])
+def test_a_suffix_window_past_the_end_changes_nothing_and_a_short_one_changes_the_tokens(model, cache):
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]]
+    ref = diffusion_generate(model, prompts, objective="a2d", kv_cache=cache, **KW)
+    wide = diffusion_generate(model, prompts, objective="a2d", kv_cache=cache, suffix_window=8, **KW)
+    assert wide.tokens == ref.tokens and torch.equal(wide.sequences, ref.sequences)
+    short = diffusion_generate(model, prompts, objective="a2d", kv_cache=cache, suffix_window=1, **KW)
+    assert short.commit_order != ref.commit_order or short.tokens != ref.tokens  # the window is an approximation
+
+
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_with_a_suffix_window_refreshing_every_step_gives_the_uncached_tokens(model, cache):
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [15, 16, 17, 18, 19]]
+    ref = diffusion_generate(model, prompts, objective="a2d", kv_cache="none", suffix_window=2, threshold=0.02, **KW)
+    got = diffusion_generate(model, prompts, objective="a2d", kv_cache=cache, cache_refresh=1, suffix_window=2,
+                             threshold=0.02, **KW)
+    assert got.tokens == ref.tokens and got.commit_order == ref.commit_order
+
+
+def test_the_suffix_window_refusals(model):
+    with pytest.raises(ValueError, match="suffix_window must be >= 0"):
+        diffusion_generate(model, [[5, 6]], suffix_window=-1, **KW)
+    with pytest.raises(ValueError, match="suffixes"):
+        diffusion_generate(model, [[5, 6]], suffixes=[[1]], suffix_window=4, **KW)
+    with pytest.raises(ValueError, match="no suffix to window"):
+        diffusion_generate(model, [[5, 6]], objective=get_objective("block_a2d", block_size=4), suffix_window=4,
+                           **KW)
 
 
 def test_cache_refuses_ragged_generated_regions(model):

@@ -93,8 +93,15 @@ def test_cache_and_parallel_rule_reach_the_sampler(folder, capsys, monkeypatch):
 
     monkeypatch.setattr(gen, "diffusion_generate", spy)
     assert gen.main(["--checkpoint", str(folder), "--prompt", "ab", "--gen-length", "8", "--steps", "8",
-                     "--block-length", "4", "--kv-cache", "dual", "--cache-refresh", "2", "--factor", "1.0"]) == 0
-    assert (seen["kv_cache"], seen["cache_refresh"], seen["factor"], seen["threshold"]) == ("dual", 2, 1.0, None)
+                     "--block-length", "4", "--kv-cache", "dual", "--cache-refresh", "2", "--factor", "1.0",
+                     "--suffix-window", "3"]) == 0
+    assert (seen["kv_cache"], seen["cache_refresh"], seen["factor"], seen["threshold"], seen["suffix_window"]) == \
+        ("dual", 2, 1.0, None, 3)
+    for bad in (["--suffix-window", "-1"], ["--cache-refresh", "-1"]):  # the sampler refuses: one line, exit 2
+        capsys.readouterr()
+        assert gen.main(["--checkpoint", str(folder), "--prompt", "ab", "--gen-length", "8", *bad]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "must be >= 0" in err, err
     with pytest.raises(SystemExit):  # one rule at a time
         gen.main(["--checkpoint", str(folder), "--prompt", "ab", "--threshold", "0.9", "--factor", "1.0"])
     assert "not allowed with argument" in capsys.readouterr().err
@@ -120,9 +127,10 @@ def test_defaults_are_the_fast_settings(folder, monkeypatch):
     monkeypatch.setattr(gen, "diffusion_generate", spy)
     assert gen.main(["--checkpoint", str(folder), "--prompt", "ab", "--gen-length", "40"]) == 0
     kw = seen[-1]
-    assert (kw["kv_cache"], kw["threshold"], kw["factor"], kw["block_length"], kw["steps"]) == \
-        (FAST_DEFAULTS["kv_cache"], FAST_DEFAULTS["threshold"], FAST_DEFAULTS["factor"], FAST_DEFAULTS["block_length"], 40)
+    assert (kw["kv_cache"], kw["threshold"], kw["factor"], kw["block_length"], kw["steps"], kw["suffix_window"]) == \
+        (FAST_DEFAULTS["kv_cache"], FAST_DEFAULTS["threshold"], FAST_DEFAULTS["factor"], FAST_DEFAULTS["block_length"], 40,
+         FAST_DEFAULTS["suffix_window"]) == ("dual", 0.9, None, 32, 40, 32)
     assert gen.main(["--checkpoint", str(folder), "--prompt", "ab", "--gen-length", "8", "--steps", "4",
-                     "--kv-cache", "none", "--no-parallel"]) == 0
+                     "--kv-cache", "none", "--no-parallel", "--suffix-window", "0"]) == 0
     kw = seen[-1]
-    assert (kw["kv_cache"], kw["threshold"], kw["factor"], kw["steps"]) == ("none", None, None, 4)
+    assert (kw["kv_cache"], kw["threshold"], kw["factor"], kw["steps"], kw["suffix_window"]) == ("none", None, None, 4, 0)

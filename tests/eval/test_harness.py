@@ -103,9 +103,11 @@ def test_harness_passes_the_sampler_settings(monkeypatch):
         args = ("ab", {"until": ["\n"], "max_gen_toks": 4})
 
     lm = harness.RND1HarnessLM(lm=OracleB(), tokenizer="byte", objective="a2d", gen_steps=4, gen_length=4,
-                               block_length=4, kv_cache="dual", cache_refresh="2", factor="1.5")
+                               block_length=4, kv_cache="dual", cache_refresh="2", factor="1.5", suffix_window="3")
     lm.generate_until([Req()])
-    assert (seen["kv_cache"], seen["cache_refresh"], seen["factor"], seen["threshold"]) == ("dual", 2, 1.5, None)
+    assert (seen["kv_cache"], seen["cache_refresh"], seen["factor"], seen["threshold"], seen["suffix_window"]) == \
+        ("dual", 2, 1.5, None, 3)
+    assert lm.get_model_info()["rnd1_record"]["sampler"]["suffix_window"] == 3
     assert lm.get_model_info()["rnd1_record"]["sampler"]["factor"] == 1.5
 
 
@@ -115,9 +117,15 @@ def test_harness_defaults_are_the_fast_settings():
 
     lm = harness.RND1HarnessLM(lm=OracleB(), tokenizer="byte", objective="a2d")
     got = lm.sampler_settings()
-    assert (got["kv_cache"], got["threshold"], got["factor"], got["block_length"]) == \
-        (FAST_DEFAULTS["kv_cache"], FAST_DEFAULTS["threshold"], FAST_DEFAULTS["factor"], FAST_DEFAULTS["block_length"]) == \
-        ("dual", 0.9, None, 32)
+    assert (got["kv_cache"], got["threshold"], got["factor"], got["block_length"], got["suffix_window"]) == \
+        (FAST_DEFAULTS["kv_cache"], FAST_DEFAULTS["threshold"], FAST_DEFAULTS["factor"], FAST_DEFAULTS["block_length"],
+         FAST_DEFAULTS["suffix_window"]) == ("dual", 0.9, None, 32, 32)
+    from rnd1.diffusion.objective import get_objective as objective_of
+
+    block = harness.RND1HarnessLM(lm=OracleB(), tokenizer="byte", objective=objective_of("block_a2d", block_size=4))
+    assert block.suffix_window == 0  # block diffusion reads no later block: nothing to window
+    with pytest.raises(ValueError, match="suffix_window 'x'"):
+        harness.RND1HarnessLM(lm=OracleB(), tokenizer="byte", objective="a2d", suffix_window="x")
     exact = harness.RND1HarnessLM(lm=OracleB(), tokenizer="byte", objective="a2d", kv_cache="none", parallel="False")
     assert (exact.kv_cache, exact.threshold, exact.factor) == ("none", None, None)
     other = harness.RND1HarnessLM(lm=OracleB(), tokenizer="byte", objective="a2d", factor="1.0")

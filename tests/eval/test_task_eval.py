@@ -116,16 +116,18 @@ def test_bench_sampler_table_json_and_frontier(checkpoint, task, tmp_path, capsy
     q = _questions(tmp_path, task, 4)
     rc = bench.main(["--checkpoint", str(checkpoint), "--questions", str(q), "--gen-lengths", "16", "24",
                      "--block-length", "8", "--settings", "dual/factor", "none/fixed", "prefix/threshold",
-                     "dual/threshold/1", "none/threshold", "--out", str(tmp_path / "bench")])
+                     "dual/threshold/1", "none/threshold", "dual/threshold/2/w4", "--out", str(tmp_path / "bench")])
     assert rc == 0
     out = capsys.readouterr().out
     assert "CPU" in out and out.count("none/fixed") == 2
     res = json.loads((tmp_path / "bench" / "results.json").read_text())
     rows = res["results"]
     assert [r["setting"] for r in rows] == ["none/fixed", "dual/factor", "prefix/threshold", "dual/threshold/1",
-                                            "none/threshold"] * 2
+                                            "none/threshold", "dual/threshold/2/w4"] * 2
     assert rows[3]["sampler"]["cache_refresh"] == 1 and rows[2]["sampler"]["cache_refresh"] == 0
-    for cached, uncached in zip(rows[3::5], rows[4::5]):  # a dual cache refreshed every step is exact
+    assert (rows[5]["sampler"]["cache_refresh"], rows[5]["sampler"]["suffix_window"]) == (2, 4)
+    assert rows[0]["sampler"]["suffix_window"] == 0
+    for cached, uncached in zip(rows[3::6], rows[4::6]):  # a dual cache refreshed every step is exact
         assert cached["correct"] == uncached["correct"] and cached["nfe"] == uncached["nfe"]
     base = rows[0]
     assert base["speedup"] == 1.0 and base["accuracy_change"] == 0.0
@@ -164,7 +166,8 @@ def test_bench_sampler_appends_a_gen_length_measured_whole(checkpoint, task, tmp
 
 
 @pytest.mark.parametrize("setting", ["full/fixed", "none/fixed/2", "dual/threshold/0", "dual/threshold/x",
-                                     "dual/threshold/2/2"])
+                                     "dual/threshold/2/2", "dual/threshold/w0", "dual/threshold/w8/2",
+                                     "none/fixed/w8/w8"])
 def test_bench_sampler_refuses_an_unknown_setting(checkpoint, capsys, setting):
     bench = _script("bench_sampler")
     with pytest.raises(SystemExit) as e:
