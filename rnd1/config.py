@@ -299,6 +299,8 @@ class RL:
     sampler_steps: int = _f(0, "forwards per rollout at most (0: gen_length, one token per forward at worst)",
                             _nonneg)
     kv_cache: Literal["none", "prefix", "dual"] = _f("dual", "the sampler's cache (rnd1/generate.py)")
+    suffix_window: int = _f(0, "DPad's window: a rollout's forwards see only this many masked positions past the "
+                               "block (0: all; docs/sampling.md)", _nonneg)
     decoding: Literal["fixed", "threshold", "factor"] = _f(
         "threshold", "how many tokens a forward commits: fixed (gen_length / sampler_steps), threshold (every one "
                      "above rl.threshold), factor (Fast-dLLM's factor rule, rl.factor)")

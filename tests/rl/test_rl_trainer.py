@@ -103,6 +103,24 @@ def test_kl_to_the_frozen_initial_policy(tmp_path, prompts):
     assert steps[3]["kl"] > 0  # two updates later it is not
 
 
+def test_the_rollout_sampler_settings_come_from_the_config(tmp_path, prompts, monkeypatch):
+    import rnd1.generate as generate
+
+    seen, real = [], generate.diffusion_generate
+
+    def spy(model, prompts_, **kw):
+        seen.append(kw)
+        return real(model, prompts_, **kw)
+
+    monkeypatch.setattr(generate, "diffusion_generate", spy)  # rollout.py imports it at call time
+    _run(tmp_path / "run", prompts, **{"training.steps": 1, "rl.eval_tasks": "", "rl.suffix_window": 4,
+                                       "rl.kv_cache": "prefix", "rl.decoding": "factor", "rl.factor": 1.5})
+    kw = seen[0]
+    assert (kw["suffix_window"], kw["kv_cache"], kw["factor"], kw["threshold"], kw["block_length"]) == \
+        (4, "prefix", 1.5, None, 8)
+    assert kw["temperature"] == 1.0 and kw["gen_length"] == 16
+
+
 def test_a_verifier_that_raises_scores_0_and_is_counted(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text("".join(json.dumps({"prompt": f"Say {i}.", "pattern": "([" if i % 2 else PATTERN,
