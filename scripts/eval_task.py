@@ -23,6 +23,12 @@ import sys
 import time
 from pathlib import Path
 
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a count >= 0")
+    return int(text)
+
+
 def add_sampler_args(ap: argparse.ArgumentParser, *, gen_length: int = 64) -> None:
     """The sampler's settings as command-line options (shared with scripts/bench_sampler.py)."""
     from rnd1.generate import CACHE_MODES, STRATEGIES
@@ -32,8 +38,8 @@ def add_sampler_args(ap: argparse.ArgumentParser, *, gen_length: int = 64) -> No
     ap.add_argument("--block-length", type=int, default=32)
     ap.add_argument("--strategy", choices=STRATEGIES, default="confidence")
     ap.add_argument("--kv-cache", choices=CACHE_MODES, default="none")
-    ap.add_argument("--cache-refresh", type=int, default=0, help="also refresh the cache every N steps in a block")
-    ap.add_argument("--suffix-window", type=int, default=0,
+    ap.add_argument("--cache-refresh", type=_count, default=0, help="also refresh the cache every N steps in a block")
+    ap.add_argument("--suffix-window", type=_count, default=0,
                     help="DPad's window: forward only N masked positions past the block (0: all)")
     rule = ap.add_mutually_exclusive_group()
     rule.add_argument("--threshold", type=float, help="parallel decoding: commit every position above it")

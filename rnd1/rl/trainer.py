@@ -102,7 +102,8 @@ class RLTrainer(Trainer):
         super().__init__(cfg, env)
         r = cfg.rl
         self.sampler = {"steps": r.sampler_steps or r.gen_length, "block_length": min(r.block_length, r.gen_length),
-                        "kv_cache": r.kv_cache, "suffix_window": r.suffix_window, "threshold": r.threshold if r.decoding == "threshold" else None,
+                        "kv_cache": r.kv_cache, "suffix_window": r.suffix_window,
+                        "threshold": r.threshold if r.decoding == "threshold" else None,
                         "factor": r.factor if r.decoding == "factor" else None}
         self.verifier_errors = getattr(self, "verifier_errors", 0)  # a resume has set it already
         self.throughput = _RolloutSlots(self.throughput)

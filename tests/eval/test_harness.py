@@ -124,6 +124,9 @@ def test_harness_defaults_are_the_fast_settings():
 
     block = harness.RND1HarnessLM(lm=OracleB(), tokenizer="byte", objective=objective_of("block_a2d", block_size=4))
     assert block.suffix_window == 0  # block diffusion reads no later block: nothing to window
+    with pytest.raises(ValueError, match="no suffix to window"):  # refused at once, not at the first generation
+        harness.RND1HarnessLM(lm=OracleB(), tokenizer="byte", objective=objective_of("block_a2d", block_size=4),
+                              suffix_window="4")
     with pytest.raises(ValueError, match="suffix_window 'x'"):
         harness.RND1HarnessLM(lm=OracleB(), tokenizer="byte", objective="a2d", suffix_window="x")
     exact = harness.RND1HarnessLM(lm=OracleB(), tokenizer="byte", objective="a2d", kv_cache="none", parallel="False")

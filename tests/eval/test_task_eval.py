@@ -165,6 +165,13 @@ def test_bench_sampler_appends_a_gen_length_measured_whole(checkpoint, task, tmp
     assert capsys.readouterr().err.count("\n") == 1
 
 
+@pytest.mark.parametrize("flag", ["--suffix-window", "--cache-refresh"])
+def test_eval_task_refuses_a_negative_count(checkpoint, capsys, flag):
+    with pytest.raises(SystemExit) as e:
+        _script("eval_task").main(["--checkpoint", str(checkpoint), flag, "-1"])
+    assert e.value.code == 2 and "expected a count >= 0" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("setting", ["full/fixed", "none/fixed/2", "dual/threshold/0", "dual/threshold/x",
                                      "dual/threshold/2/2", "dual/threshold/w0", "dual/threshold/w8/2",
                                      "none/fixed/w8/w8"])
