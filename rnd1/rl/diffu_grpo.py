@@ -53,9 +53,14 @@ def group_advantages(rewards: torch.Tensor, *, scale: bool = True, delta: float 
     return torch.where(std > 0, centred / (std + delta), torch.zeros_like(centred))  # equal rewards: 0
 
 
+def zero_advantage_groups(rewards: torch.Tensor) -> torch.Tensor:
+    """[P] bool: the groups whose G rewards are all equal (advantage 0: no learning signal)."""
+    return rewards.max(dim=1).values == rewards.min(dim=1).values
+
+
 def zero_advantage_fraction(rewards: torch.Tensor) -> float:
-    """Share of groups whose G rewards are all equal (no learning signal)."""
-    return (rewards.max(dim=1).values == rewards.min(dim=1).values).float().mean().item()
+    """Share of groups whose G rewards are all equal."""
+    return zero_advantage_groups(rewards).float().mean().item()
 
 
 def masked_view(sequences: torch.Tensor, prompt: torch.Tensor, completion: torch.Tensor, mask_id: int,

@@ -226,7 +226,7 @@ class RLTrainer(Trainer):
     def _rollout_metrics(self, ro, t_rollout: float, t_step: float) -> dict:
         """Reward statistics over every rank's rollouts (sums all-reduced), and timings of this rank."""
         rw = ro.rewards.flatten().double()
-        equal = (ro.rewards.max(1).values == ro.rewards.min(1).values).double()
+        equal = diffu_grpo.zero_advantage_groups(ro.rewards).double()
         lengths = ro.completion.sum(1).double()
         stats = torch.tensor([rw.numel(), rw.sum(), (rw * rw).sum(), (rw == 1).sum(), equal.numel(), equal.sum(),
                               lengths.sum(), len(ro.errors), ro.tokens, ro.seconds], dtype=torch.float64)

@@ -58,6 +58,7 @@ from pathlib import Path
 
 from rnd1.config import JobConfig, load_config
 from rnd1.model.config import get_preset
+from rnd1.tools.runs import read_run
 
 REPO = Path(__file__).resolve().parents[2]
 SEQ_LEN, MICRO_BATCH, STEPS = 64, 2, 4
@@ -270,9 +271,10 @@ RL_METRICS = ("reward_mean", "reward_std", "accuracy", "zero_adv_frac", "complet
 
 def check_rl_metrics(run_dir: Path) -> str | None:
     """None when an RL rehearsal logged every RL metric, finite, at each of its steps."""
-    path = Path(run_dir) / "metrics.jsonl"
-    recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-    steps = [r for r in recs if "loss" in r]
+    try:
+        steps = read_run(run_dir).train
+    except FileNotFoundError:
+        steps = []
     if len(steps) != STEPS:
         return f"expected {STEPS} logged RL steps, got {len(steps)}"
     for r in steps:
