@@ -43,27 +43,22 @@ def main(argv=None) -> int:
     return 0
 
 
-def _steps(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
-    pts = [(r["step"], r[key]) for r in rows if key in r]
-    return [p[0] for p in pts], [p[1] for p in pts]
-
-
 def _plot_rl(plt, run):
     """Six panels against the step (rnd1/rl/trainer.py logs each of these every step)."""
     fig, axes = plt.subplots(2, 3, figsize=(14, 7))
     ax = axes[0][0]
-    x, mean = _steps(run.train, "reward_mean")
-    _, std = _steps(run.train, "reward_std")
+    x, mean = run.series("reward_mean", x="step")
+    _, std = run.series("reward_std", x="step")
     ax.plot(x, mean, label="reward mean")
     ax.fill_between(x, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.2,
                     label="+- std")
     ax.set(xlabel="step", ylabel="reward", title=f"{run.name}: reward")
     ax.legend()
     ax = axes[0][1]
-    ax.plot(*_steps(run.train, "accuracy"), label="rollouts (reward 1)")
+    ax.plot(*run.series("accuracy", x="step"), label="rollouts (reward 1)")
     if run.val:
-        xs, acc = _steps(run.val, "val_accuracy")
-        _, err = _steps(run.val, "val_accuracy_stderr")
+        xs, acc = run.series("val_accuracy", "val", x="step")
+        _, err = run.series("val_accuracy_stderr", "val", x="step")
         ax.errorbar(xs, acc, yerr=err or None, fmt="o-", label="held-out, greedy")
     ax.set(xlabel="step", ylabel="accuracy", title="accuracy")
     ax.legend()
@@ -71,7 +66,7 @@ def _plot_rl(plt, run):
                            (axes[1][0], "completion_len", "completion length (tokens)"),
                            (axes[1][1], "rollout_tokens_per_s", "rollout tokens/s"),
                            (axes[1][2], "rollout_share", "rollouts' share of step time")):
-        ax.plot(*_steps(run.train, key))
+        ax.plot(*run.series(key, x="step"))
         ax.set(xlabel="step", title=title)
     return fig
 

@@ -13,9 +13,10 @@ class RunLog:
     train: list[dict] = field(default_factory=list)  # records with "loss"
     val: list[dict] = field(default_factory=list)  # records with "val_loss" (an RL run: "val_accuracy")
 
-    def series(self, key: str, which: str = "train") -> tuple[list[float], list[float]]:
+    def series(self, key: str, which: str = "train", x: str = "tokens") -> tuple[list[float], list[float]]:
+        """(x, key) of every record that has both: against tokens, or ``x="step"``."""
         rows = self.train if which == "train" else self.val
-        pts = [(r["tokens"], r[key]) for r in rows if key in r and "tokens" in r]
+        pts = [(r[x], r[key]) for r in rows if key in r and x in r]
         return [p[0] for p in pts], [p[1] for p in pts]
 
     @property
